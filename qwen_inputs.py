@@ -1,0 +1,190 @@
+"""Qwen2.5-VL inputs by hand: smart-resize, patchify, the chat layout with phrase spans, batching.
+
+Bit-identical to transformers' `Qwen2VLImageProcessorPil` (tests/test_qwen_inputs.py checks it), with no
+torchvision and no processor object. Conventions: images are PIL, sizes are `(height, width)`, one image
+is `image_grid_thw = [[1, gh, gw]]` (gh, gw in 14-px patches, both even), its `pixel_values` are
+`(gh*gw, 1176)` rows in 2x2 merge-block order, and it becomes `gh*gw // 4` `<|image_pad|>` tokens.
+"""
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+MIN_PIXELS = 3136  # preprocessor_config.json of Qwen2.5-VL-*-Instruct (56*56)
+MAX_PIXELS = 12845056  # idem (28*28*16384); transformers' class default (1003520) is different
+PATCH = 14  # vision patch side, pixels
+MERGE = 2  # 2x2 patches merge into one LLM token
+TEMPORAL = 2  # a still image is duplicated to 2 frames
+PATCH_DIM = 3 * TEMPORAL * PATCH * PATCH  # 1176 values per pixel_values row
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+SYSTEM = "You are a helpful assistant."
+DEFAULT_PROMPT = "Please describe the objects in this image."  # F-LMM: the expressions are the answer
+
+
+def smart_resize(height, width, factor=28, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    """(height, width) -> (h, w): multiples of `factor`, h*w within [min_pixels, max_pixels], aspect kept."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+    h, w = round(height / factor) * factor, round(width / factor) * factor  # Python round: halves to even
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def to_rgb(image):
+    """Any PIL mode -> RGB; transparency is composited on white, as the official processor does."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
+    return image.convert("RGB")
+
+
+def resized_rgb(image, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    """The uint8 RGB image the vision tower sees, (h, w, 3) with h, w multiples of 28."""
+    image = to_rgb(image)
+    h, w = smart_resize(image.height, image.width, PATCH * MERGE, min_pixels, max_pixels)
+    return np.asarray(image.resize((w, h), Image.BICUBIC))  # PIL skips the resample when the size is unchanged
+
+
+def patchify(image, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    """PIL image -> pixel_values float32 (gh*gw, 1176), image_grid_thw int64 (1, 3) = [[1, gh, gw]]."""
+    rgb = resized_rgb(image, min_pixels, max_pixels)
+    h, w = rgb.shape[:2]
+    gh, gw = h // PATCH, w // PATCH
+    # Same arithmetic as transformers: rescale in float64, cast to float32, then (x - mean) / std in float32.
+    x = (rgb.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - CLIP_MEAN) / CLIP_STD  # (h, w, 3)
+    # (gh/2, 2, 14, gw/2, 2, 14, 3) -> (gh/2, gw/2, 2, 2, 3, 14, 14): rows in merge-block order, raster blocks
+    x = x.reshape(gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH, 3).transpose(0, 3, 1, 4, 6, 2, 5)
+    x = np.ascontiguousarray(x).reshape(gh * gw, 3, 1, PATCH * PATCH)
+    x = np.repeat(x, TEMPORAL, axis=2)  # (gh*gw, 3, 2, 196): the frame duplicated along time, per channel
+    return torch.from_numpy(x.reshape(gh * gw, PATCH_DIM)), torch.tensor([[1, gh, gw]], dtype=torch.int64)
+
+
+def unpatchify(pixel_values, image_grid_thw):
+    """Inverse of `patchify` for a batch: one uint8 RGB array (gh*14, gw*14, 3) per row of image_grid_thw."""
+    check_pixels(pixel_values, image_grid_thw)
+    images, start = [], 0
+    for t, gh, gw in image_grid_thw.tolist():
+        x = pixel_values[start:start + t * gh * gw].double().numpy()
+        start += t * gh * gw
+        x = x.reshape(gh // MERGE, gw // MERGE, MERGE, MERGE, 3, TEMPORAL, PATCH, PATCH)[..., 0, :, :]
+        x = x.transpose(0, 2, 5, 1, 3, 6, 4).reshape(gh * PATCH, gw * PATCH, 3)  # first frame, (H, W, 3)
+        images.append(np.clip(np.rint((x * CLIP_STD + CLIP_MEAN) * 255), 0, 255).astype(np.uint8))
+    return images
+
+
+def _tokens(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_inputs(tokenizer, image_grid_thw, phrases, prompt=DEFAULT_PROMPT, sep="\n", max_length=None):
+    """One sample's token sequence, laid out from pieces so every phrase span is known by construction.
+
+    <|im_start|>system\\n{SYSTEM}<|im_end|>\\n<|im_start|>user\\n<|vision_start|><|image_pad|>*n<|vision_end|>
+    {prompt}<|im_end|>\\n<|im_start|>assistant\\n{phrase_0}{sep}{phrase_1}...   (nothing after the last phrase)
+
+    Returns 1-D int64 tensors: input_ids, mm_token_type_ids (1 exactly on <|image_pad|>), mask_ids (k on the
+    tokens of phrases[k], -1 elsewhere). A separator's leading whitespace that BPE fuses into the first word
+    (sep=" " in a narrative) is kept out of the text but its token counts as the phrase's.
+    """
+    grid = torch.as_tensor(image_grid_thw).reshape(-1)
+    if grid.numel() != 3 or int(grid[1]) % MERGE or int(grid[2]) % MERGE:
+        raise ValueError(f"build_inputs: image_grid_thw must be one [t, gh, gw] row with even gh, gw, got {grid.tolist()}")
+    n_image = int(grid.prod()) // (MERGE * MERGE)
+    if not phrases:
+        raise ValueError("build_inputs: no phrases given")
+    head = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<|vision_start|>",
+            f"<|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n")
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    ids = _tokens(tokenizer, head[0]) + [image_pad] * n_image
+    image_end = len(ids)
+    ids += _tokens(tokenizer, head[1])
+    mask_ids = [-1] * len(ids)
+    for k, phrase in enumerate(phrases):
+        if not phrase.strip():
+            raise ValueError(f"build_inputs: phrase {k} is empty ({phrase!r})")
+        lead = sep if k else ""
+        enc = tokenizer(lead + phrase, add_special_tokens=False, return_offsets_mapping=True)
+        # a token belongs to the phrase if its characters overlap the phrase's characters
+        own = [end > len(lead) for _, end in enc["offset_mapping"]]
+        if not any(own):
+            raise ValueError(f"build_inputs: phrase {k} ({phrase!r}) tokenizes to nothing")
+        ids += enc["input_ids"]
+        mask_ids += [k if o else -1 for o in own]
+    if max_length is not None and len(ids) > max_length:
+        raise ValueError(f"build_inputs: {len(ids)} tokens ({n_image} image tokens, {len(phrases)} phrases) "
+                         f"exceed max_length={max_length}; lower max_pixels or use fewer phrases per sample")
+    input_ids = torch.tensor(ids, dtype=torch.int64)
+    mm_token_type_ids = torch.zeros_like(input_ids)
+    mm_token_type_ids[image_end - n_image:image_end] = 1
+    return dict(input_ids=input_ids, mm_token_type_ids=mm_token_type_ids, mask_ids=torch.tensor(mask_ids))
+
+
+def collate(samples):
+    """List of samples -> batch. Right padding (pad id 0, masked out by attention_mask), mask_ids -1 on pad;
+    pixel_values concatenated in batch order; image_grid_thw (B, 3); every other key becomes a list."""
+    B, S = len(samples), max(len(s["input_ids"]) for s in samples)
+    batch = dict(input_ids=torch.zeros(B, S, dtype=torch.int64), attention_mask=torch.zeros(B, S, dtype=torch.int64),
+                 mm_token_type_ids=torch.zeros(B, S, dtype=torch.int64), mask_ids=torch.full((B, S), -1))
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        batch["input_ids"][i, :n] = s["input_ids"]
+        batch["attention_mask"][i, :n] = 1
+        batch["mm_token_type_ids"][i, :n] = s["mm_token_type_ids"]
+        batch["mask_ids"][i, :n] = s["mask_ids"]
+    batch["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])
+    batch["image_grid_thw"] = torch.cat([torch.as_tensor(s["image_grid_thw"]).reshape(1, 3) for s in samples])
+    for key in samples[0]:
+        if key not in batch:
+            batch[key] = [s[key] for s in samples]
+    return batch
+
+
+def check_pixels(pixel_values, image_grid_thw):
+    """Raise a readable ValueError unless pixel_values is (sum of t*gh*gw, 1176) for image_grid_thw (B, 3)."""
+    if image_grid_thw is None:
+        raise ValueError("image_grid_thw is missing: it is the only record of each image's patch grid and cannot be "
+                         "recovered from pixel_values; keep the one qwen_inputs.patchify returned with each image")
+    if pixel_values is None or pixel_values.dim() != 2 or pixel_values.shape[1] != PATCH_DIM:
+        shape = None if pixel_values is None else tuple(pixel_values.shape)
+        raise ValueError(f"pixel_values must be 2-D (num_patches, {PATCH_DIM}) as qwen_inputs.patchify makes it, "
+                         f"got shape {shape} (an image tensor [B, C, H, W] is not Qwen2.5-VL input)")
+    grid = torch.as_tensor(image_grid_thw)
+    if grid.dim() != 2 or grid.shape[1] != 3:
+        raise ValueError(f"image_grid_thw must be (num_images, 3), got shape {tuple(grid.shape)}")
+    odd = [i for i, (_, gh, gw) in enumerate(grid.tolist()) if gh % MERGE or gw % MERGE]
+    if odd:
+        raise ValueError(f"image_grid_thw rows {odd} have odd sides {grid[odd].tolist()}; 2x2 merging needs even ones")
+    per_image = grid.prod(-1)
+    if pixel_values.shape[0] != int(per_image.sum()):
+        n, expect = pixel_values.shape[0], int(per_image.sum())
+        hint = f" = {n / expect:g} times as many" if n % expect == 0 else ""
+        raise ValueError(f"pixel_values holds {n} patch rows but image_grid_thw {grid.tolist()} describes "
+                         f"{len(grid)} image(s) with {expect} patches{hint}: every image in the batch needs its own "
+                         f"image_grid_thw row, and pixel_values must be the patches of exactly those images")
+
+
+def check_inputs(batch, image_token_id=None):
+    """The consistency check run before every forward of the frozen model (raises ValueError naming the sample)."""
+    check_pixels(batch.get("pixel_values"), batch.get("image_grid_thw"))
+    grid, mm = batch["image_grid_thw"], batch["mm_token_type_ids"]
+    if len(grid) != len(batch["input_ids"]):
+        raise ValueError(f"image_grid_thw has {len(grid)} rows for a batch of {len(batch['input_ids'])} sequences: "
+                         f"one image per sample")
+    expected = grid.prod(-1) // (MERGE * MERGE)
+    counted = (mm == 1).sum(-1)
+    for i in torch.nonzero(counted != expected).flatten().tolist():
+        raise ValueError(f"sample {i}: {int(counted[i])} <|image_pad|> tokens but its image_grid_thw "
+                         f"{grid[i].tolist()} needs {int(expected[i])} (= t*gh*gw/4)")
+    if image_token_id is not None and not torch.equal(batch["input_ids"] == image_token_id, mm == 1):
+        i = int(torch.nonzero((batch["input_ids"] == image_token_id) != (mm == 1))[0, 0])
+        raise ValueError(f"sample {i}: mm_token_type_ids does not mark exactly the <|image_pad|> tokens "
+                         f"(id {image_token_id}); was the sample built with another tokenizer?")
