@@ -1,0 +1,531 @@
+"""Referring data -> qwen_inputs samples: RefCOCO/+/g and gRefCOCO (refer layout), Panoptic Narrative Grounding,
+a synthetic shapes dataset in the refer layout; the Dataset and the DataLoader.
+
+Loaders return records (no image opened). Refer/gRefCOCO: one per referred object, `ref_id, ann_ids, image_id,
+file_name, height, width, segmentations` (target = their union; none for no-target), `sentences, sent_ids,
+category_id, no_target`, plus refer's single `ann_id, segmentation`. Masks are bool (H, W) on the stored pixels:
+images are never EXIF-rotated, as the annotations were made on the stored pixels."""
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import warnings
+from itertools import combinations, product
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+
+import qwen_inputs
+
+# pycocotools 2.0.x calls np.array(copy=False)-style __array__ on every decode under numpy 2: harmless, loud
+warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword")
+
+
+class DataError(ValueError):
+    """Bad input data: a missing or corrupt file, an unknown id, an empty expression. The message names the file."""
+
+
+def _bad(msg, skip_bad, skipped):
+    """Strict mode raises; skip mode records the message (the caller drops the sample)."""
+    if not skip_bad:
+        raise DataError(msg)
+    skipped.append(msg)
+
+
+def _report(where, skipped, start):
+    if len(skipped) > start:
+        print(f"{where}: skipped {len(skipped) - start} bad entries, first: {skipped[start]}")
+
+
+# ----------------------------------------------------------------------------------------------- loaders
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """A refs file is lists, dicts, strings and numbers: any global (a class, a function) means it is not one."""
+
+    def __init__(self, file, path):
+        super().__init__(file, encoding="utf-8")  # the refer files were pickled by Python 2: its str -> utf-8
+        self.path = path
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"{self.path}: refusing to load global {module}.{name}; a refs file holds only "
+                                     f"plain data, and a pickle that names globals can run code")
+
+
+def _load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _ref_records(refs, refs_path, instances_path, split, skip_bad, skipped):
+    """refer/grefer refs of `split` -> records, checked against instances.json."""
+    skipped = [] if skipped is None else skipped
+    start, instances = len(skipped), _load_json(instances_path)
+    images = {im["id"]: im for im in instances["images"]}
+    anns = {a["id"]: a for a in instances["annotations"]}
+    records = []
+    for ref in refs:
+        if ref["split"] != split:  # exact: "testA" is not "test"
+            continue
+        where = f"{refs_path}: ref_id {ref['ref_id']}"
+        ann_ids = ref["ann_id"] if isinstance(ref["ann_id"], list) else [ref["ann_id"]]
+        ann_ids = [a for a in ann_ids if a != -1]  # gRefCOCO marks a no-target expression with [-1]
+        missing = [a for a in ann_ids if a not in anns]
+        if missing or ref["image_id"] not in images:
+            what = f"ann_id {missing}" if missing else f"image_id {ref['image_id']}"
+            _bad(f"{where}: {what} not in {instances_path}", skip_bad, skipped)
+            continue
+        sents = [s for s in ref["sentences"] if s["sent"].strip()]
+        if len(sents) < len(ref["sentences"]):
+            _bad(f"{where}: empty sentence", skip_bad, skipped)
+            if not sents:
+                continue
+        image = images[ref["image_id"]]
+        records.append(dict(
+            ref_id=ref["ref_id"], ann_ids=ann_ids, image_id=ref["image_id"],
+            file_name=image["file_name"],  # the real file; the refs' own file_name is not one
+            height=image["height"], width=image["width"], segmentations=[anns[a]["segmentation"] for a in ann_ids],
+            sentences=[s["sent"] for s in sents], sent_ids=[s["sent_id"] for s in sents],
+            category_id=ref.get("category_id"), no_target=bool(ref.get("no_target", False)) or not ann_ids))
+    _report(refs_path, skipped, start)
+    return records
+
+
+def load_refer(data_root, dataset, split_by, split, *, skip_bad=False, skipped=None):
+    """RefCOCO/+/g records of one split from `data_root/<dataset>/refs(<split_by>).p` + `instances.json`.
+
+    skip_bad=False raises DataError on an unknown ann_id/image_id or an empty sentence; skip_bad=True leaves the
+    ref (or sentence) out and appends the reason to `skipped` (a list) when given."""
+    refs_path = os.path.join(data_root, dataset, f"refs({split_by}).p")
+    with open(refs_path, "rb") as f:
+        refs = _DataOnlyUnpickler(f, refs_path).load()
+    records = _ref_records(refs, refs_path, os.path.join(data_root, dataset, "instances.json"),
+                           split, skip_bad, skipped)
+    for r in records:
+        r["ann_id"], r["segmentation"] = r["ann_ids"][0], r["segmentations"][0]
+    return records
+
+
+def load_grefcoco(data_root, split, *, skip_bad=False, skipped=None):
+    """gRefCOCO records from `data_root/grefcoco/grefs(unc).json` + `instances.json`: one or many targets (their
+    union), or none (`no_target`, empty `segmentations`). Bad entries as in `load_refer`."""
+    refs_path = os.path.join(data_root, "grefcoco", "grefs(unc).json")
+    return _ref_records(_load_json(refs_path), refs_path, os.path.join(data_root, "grefcoco", "instances.json"),
+                        split, skip_bad, skipped)
+
+
+def load_png(png_json, panoptic_json, panoptic_dir, *, skip_bad=False, skipped=None):
+    """Panoptic Narrative Grounding: one item per narrative of `png_coco_{split}2017.json` (see `refer_items` for the
+    item layout), its phrases the segments' utterances in order, each with the `segment_ids` of its mask.
+
+    A segment with no segment_ids, or none in the image's panoptic segments_info, stays in the text with
+    supervised=False. A narrative with no supervised phrase is left out (the benchmark does not score it). Plural
+    phrases are the union of their segments; `isthing` is the first segment's category's."""
+    skipped = [] if skipped is None else skipped
+    start, panoptic = len(skipped), _load_json(panoptic_json)
+    images = {im["id"]: im for im in panoptic["images"]}
+    anns = {a["image_id"]: a for a in panoptic["annotations"]}
+    isthing = {c["id"]: bool(c["isthing"]) for c in panoptic["categories"]}
+    items = []
+    for n, narrative in enumerate(_load_json(png_json)):
+        image_id = int(narrative["image_id"])  # a string in the released files
+        where = f"{png_json}: narrative {n} (image_id {image_id})"
+        if image_id not in images or image_id not in anns:
+            _bad(f"{where}: image_id not in {panoptic_json}", skip_bad, skipped)
+            continue
+        segments = {s["id"]: s for s in anns[image_id]["segments_info"]}
+        entries = []
+        for seg in narrative["segments"]:
+            ids = [int(i) for i in seg["segment_ids"] if int(i) in segments]
+            if not seg["utterance"].strip():
+                if ids:
+                    _bad(f"{where}: empty utterance grounded to segments {ids}", skip_bad, skipped)
+                continue
+            entries.append(dict(sentences=[seg["utterance"].strip()], ids=[f"{n}/{len(entries)}"], segment_ids=ids,
+                                supervised=bool(ids), no_target=False, plural=bool(seg.get("plural", len(ids) > 1)),
+                                isthing=bool(ids) and isthing[segments[ids[0]]["category_id"]]))
+        if any(e["supervised"] for e in entries):
+            image = images[image_id]
+            items.append(dict(image_id=image_id, file_name=image["file_name"], height=image["height"],
+                              width=image["width"], entries=entries,
+                              panoptic_file=os.path.join(panoptic_dir, anns[image_id]["file_name"])))
+    _report(png_json, skipped, start)
+    return items
+
+
+# ------------------------------------------------------------------------------------------------- masks
+
+def decode_mask(segmentation, height, width):
+    """COCO segmentation -> bool (height, width): the union of polygons [[x0, y0, x1, y1, ...], ...], or an RLE
+    {size, counts} with compressed (str/bytes) or uncompressed (list, COCO crowd) counts. Same as pycocotools."""
+    if isinstance(segmentation, list):
+        if any(len(p) % 2 for p in segmentation):
+            raise DataError(f"polygon with an odd number of coordinates: {[len(p) for p in segmentation]}")
+        # fewer than 3 points has no area, and pycocotools would read 4 numbers as a box
+        polygons = [p for p in segmentation if len(p) >= 6]
+        if not polygons:
+            raise DataError(f"segmentation has no polygon of 3 or more points: {segmentation}")
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif not (isinstance(segmentation, dict) and {"size", "counts"} <= set(segmentation)):
+        raise DataError(f"segmentation is neither polygons nor an RLE: {str(segmentation)[:80]}")
+    else:
+        if list(segmentation["size"]) != [height, width]:
+            raise DataError(f"RLE size {segmentation['size']} != image size {[height, width]}")
+        rle = segmentation
+        if isinstance(rle["counts"], list):  # uncompressed, as in COCO crowd annotations
+            rle = mask_utils.frPyObjects(rle, height, width)
+    return mask_utils.decode(rle).astype(bool)
+
+
+def union_mask(segmentations, height, width):
+    """The target of a record: bool (H, W), all False for no segmentation (a no-target expression)."""
+    mask = np.zeros((height, width), bool)
+    for seg in segmentations:
+        mask |= decode_mask(seg, height, width)
+    return mask
+
+
+def load_panoptic(path):
+    """Panoptic PNG -> int64 (H, W) segment ids, id = R + 256 G + 256^2 B."""
+    with Image.open(path) as png:
+        rgb = np.asarray(png.convert("RGB"), dtype=np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 ** 2 * rgb[..., 2]
+
+
+def resize_masks(gt_masks, h, w):
+    """bool (K, H, W) -> float32 (K, h, w) in {0, 1}: box filter (area fraction) then >= 0.5.
+
+    Each output pixel is the majority of its footprint on the same pixel grid PIL uses to resize the image, so the
+    mask follows the image exactly and thin parts are neither shifted nor dropped as by point (nearest) sampling."""
+    out = [np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.BOX)) >= 128 for m in gt_masks]
+    return torch.from_numpy(np.stack(out) if out else np.zeros((0, h, w), bool)).float()
+
+
+# ----------------------------------------------------------------------------------------------- samples
+
+def refer_items(records, protocol):
+    """Records -> items, one per sample: dict(image_id, file_name, height, width, entries), an entry per phrase
+    dict(sentences, ids, segmentations | segment_ids, supervised, no_target, isthing, plural). protocol:
+    "train": per image, every object once, each with all its sentences (one is drawn per epoch);
+    "standard": one item per sentence (LISA/GLaMM/Sa2VA); "flmm": per image, the first sentence of each object."""
+    if protocol not in ("train", "standard", "flmm"):
+        raise ValueError(f"protocol must be train, standard or flmm, got {protocol!r}")
+
+    def entry(r, k=None):
+        keep = range(len(r["sentences"])) if k is None else [k]
+        return dict(sentences=[r["sentences"][i] for i in keep],
+                    ids=[f"{r['ref_id']}/{r['sent_ids'][i]}" for i in keep],
+                    segmentations=r["segmentations"], supervised=True, no_target=r["no_target"], isthing=True,
+                    plural=len(r["ann_ids"]) > 1)
+
+    def item(r, entries):
+        return dict(image_id=r["image_id"], file_name=r["file_name"], height=r["height"], width=r["width"],
+                    entries=entries)
+
+    if protocol == "standard":
+        return [item(r, [entry(r, k)]) for r in records for k in range(len(r["sentences"]))]
+    by_image = {}
+    for r in records:
+        by_image.setdefault(r["image_id"], []).append(r)
+    return [item(rs[0], [entry(r, None if protocol == "train" else 0) for r in rs]) for rs in by_image.values()]
+
+
+class GroundingDataset(Dataset):
+    """Items -> samples; all CPU work (image, patchify, tokenize, masks) happens in __getitem__.
+
+    A sample: the `qwen_inputs.build_inputs` keys, `pixel_values` (gh*gw, 1176) float32, `image_grid_thw` (1, 3),
+    `masks` float32 (K, gh*14, gw*14), `gt_masks` bool (K, H, W) at the stored size, and per phrase the lists
+    `phrases`, `ids`, `supervised`, `no_target`, `isthing`, `plural`; plus `image_id`, `file_name`.
+    The sentence drawn for an object with several depends only on (seed, epoch, index): a resumed run sees the same.
+    With skip_bad, an unreadable sample is None (counted by `collate_skip`); items whose files are missing are left
+    out at construction and listed in `self.skipped`."""
+
+    def __init__(self, items, tokenizer, *, image_dir, min_pixels=qwen_inputs.MIN_PIXELS,
+                 max_pixels=qwen_inputs.MAX_PIXELS, max_length=None, sep="\n", seed=0, skip_bad=False, skipped=None,
+                 constant_phrase=None):
+        self.skipped = [] if skipped is None else skipped  # load-time skips, messages
+        start, self.items = len(self.skipped), []
+        for item in items:
+            paths = [os.path.join(image_dir, item["file_name"])]
+            paths += [item["panoptic_file"]] if "panoptic_file" in item else []
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                _bad(f"{missing[0]}: no such file (image_id {item['image_id']}, ids {self._ids(item)})", skip_bad,
+                     self.skipped)
+                continue
+            self.items.append(item)
+        _report(image_dir, self.skipped, start)
+        self.tokenizer, self.image_dir, self.sep, self.seed, self.skip_bad = tokenizer, image_dir, sep, seed, skip_bad
+        self.min_pixels, self.max_pixels, self.max_length = min_pixels, max_pixels, max_length
+        self.constant_phrase = constant_phrase  # ablation: every expression replaced by this text (no language)
+        # in shared memory so that set_epoch reaches DataLoader workers that already exist (persistent_workers)
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @staticmethod
+    def _ids(item):
+        return [e["ids"][0] for e in item["entries"]]
+
+    def set_epoch(self, epoch):
+        self.epoch.fill_(epoch)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        item = self.items[index]
+        path = os.path.join(self.image_dir, item["file_name"])
+        try:
+            return self._sample(item, path, np.random.default_rng([self.seed, int(self.epoch), index]))
+        except (OSError, ValueError) as e:  # unreadable image, size mismatch, aspect > 200, untokenizable phrase
+            msg = f"{path} (image_id {item['image_id']}, ids {self._ids(item)}): {type(e).__name__}: {e}"
+            if not self.skip_bad:
+                raise DataError(msg) from e
+            print(f"skipping sample: {msg}")
+            return None
+
+    def _sample(self, item, path, rng):
+        H, W = item["height"], item["width"]
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, inside the try of __getitem__
+            if (image.height, image.width) != (H, W):
+                raise DataError(f"image is {image.height}x{image.width}, annotations are for {H}x{W}")
+            pixel_values, image_grid_thw = qwen_inputs.patchify(image, self.min_pixels, self.max_pixels)
+        picks = [int(rng.integers(len(e["sentences"]))) for e in item["entries"]]
+        phrases = [self.constant_phrase or e["sentences"][k] for e, k in zip(item["entries"], picks)]
+        if "panoptic_file" in item:
+            segment_map = load_panoptic(item["panoptic_file"])
+            if segment_map.shape != (H, W):
+                raise DataError(f"{item['panoptic_file']} is {segment_map.shape}, image is {(H, W)}")
+            gt = [np.isin(segment_map, e["segment_ids"]) for e in item["entries"]]
+        else:
+            gt = [union_mask(e["segmentations"], H, W) for e in item["entries"]]
+        gt = np.stack(gt)  # (K, H, W)
+        _, gh, gw = image_grid_thw[0].tolist()
+        sample = qwen_inputs.build_inputs(self.tokenizer, image_grid_thw, phrases, sep=self.sep,
+                                          max_length=self.max_length)
+        flags = {key: [e[key] for e in item["entries"]] for key in ("supervised", "no_target", "isthing", "plural")}
+        return dict(sample, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                    masks=resize_masks(gt, gh * qwen_inputs.PATCH, gw * qwen_inputs.PATCH),
+                    gt_masks=torch.from_numpy(gt), phrases=phrases,
+                    ids=[e["ids"][k] for e, k in zip(item["entries"], picks)],
+                    image_id=item["image_id"], file_name=item["file_name"], **flags)
+
+
+SPEC_KEYS = {"refer": {"data_root", "dataset", "split_by", "split", "image_dir"},
+             "grefcoco": {"data_root", "split", "image_dir"},
+             "png": {"png_json", "panoptic_json", "panoptic_dir", "image_dir"}}
+
+
+def build_dataset(spec, tokenizer, *, train, protocol="standard", min_pixels=qwen_inputs.MIN_PIXELS,
+                  max_pixels=qwen_inputs.MAX_PIXELS, skip_bad=False, max_length=None, seed=0, constant_phrase=None):
+    """A GroundingDataset from a YAML dict: {kind: refer|grefcoco|png, ...the loader's paths..., image_dir}.
+    train=True draws one sentence per object per epoch, all objects of an image in one sample; otherwise
+    `protocol` ("standard" or "flmm") decides. PNG is one sample per narrative either way."""
+    kind = spec.get("kind")
+    if kind not in SPEC_KEYS or set(spec) - {"kind"} != SPEC_KEYS[kind]:
+        expect = {k: sorted(v) for k, v in SPEC_KEYS.items()}
+        raise ValueError(f"data spec {spec}: kind must be one of {sorted(SPEC_KEYS)} with exactly the keys {expect}")
+    skipped = []
+    if kind == "refer":
+        records = load_refer(spec["data_root"], spec["dataset"], spec["split_by"], spec["split"], skip_bad=skip_bad,
+                             skipped=skipped)
+    elif kind == "grefcoco":
+        records = load_grefcoco(spec["data_root"], spec["split"], skip_bad=skip_bad, skipped=skipped)
+    else:
+        records = load_png(spec["png_json"], spec["panoptic_json"], spec["panoptic_dir"], skip_bad=skip_bad,
+                           skipped=skipped)
+    items = records if kind == "png" else refer_items(records, "train" if train else protocol)
+    return GroundingDataset(items, tokenizer, image_dir=spec["image_dir"], min_pixels=min_pixels,
+                            max_pixels=max_pixels, max_length=max_length, sep=" " if kind == "png" else "\n",
+                            seed=seed, skip_bad=skip_bad, skipped=skipped, constant_phrase=constant_phrase)
+
+
+# ------------------------------------------------------------------------------------------------ loader
+
+def collate_skip(samples):
+    """qwen_inputs.collate without the None samples (skip_bad); batch["num_skipped"] counts them. A batch whose
+    samples all failed is {"num_skipped": n} alone: skip the step, but add the count."""
+    kept = [s for s in samples if s is not None]
+    batch = qwen_inputs.collate(kept) if kept else {}
+    batch["num_skipped"] = len(samples) - len(kept)
+    return batch
+
+
+class SeededSampler(DistributedSampler):
+    """DistributedSampler (order = f(seed, epoch), split over ranks) that can start `skip` indices into the epoch,
+    so a resumed run continues mid-epoch without loading the batches it already trained on."""
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def build_loader(dataset, batch_size, *, num_workers=0, shuffle=False, seed=0, drop_last=False, distributed=None):
+    """DataLoader over `dataset` with `collate_skip`. The order is a function of (seed, epoch) only, split over
+    ranks when torch.distributed is initialized (distributed=None: auto): call `set_epoch(loader, epoch)` before
+    iterating each epoch. In distributed eval, DistributedSampler pads the last round with repeated samples."""
+    distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
+    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    # one sampler for both cases: DistributedSampler permutes with seed + epoch, which is what resuming needs
+    sampler = SeededSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_skip, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
+                      persistent_workers=num_workers > 0)
+
+
+def set_epoch(loader, epoch, skip=0):
+    """Set the epoch of the loader's sampler (order) and of its dataset(s) (sentence draws); start `skip` batches in."""
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.skip = skip * loader.batch_size
+    for ds in loader.dataset.datasets if isinstance(loader.dataset, ConcatDataset) else [loader.dataset]:
+        ds.set_epoch(epoch)
+
+
+# --------------------------------------------------------------------------------------------- synthetic
+
+SHAPES = ("circle", "square", "triangle", "star", "hexagon")
+COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 90, 220), "yellow": (230, 190, 20),
+           "purple": (140, 60, 170)}
+SIZES = ("small", "big")
+WORD_ATTRIBUTE = {**{w: "shape" for w in SHAPES}, **{w: "colour" for w in COLOURS}, **{w: "size" for w in SIZES},
+                  "left": "h", "right": "h", "top": "v", "bottom": "v"}
+SYNTHETIC_SPLITS = {"train": (3, 5), "val": (3, 5), "testA": (3, 3), "testB": (5, 5)}  # objects per scene
+SYNTHETIC_VERSION = 1  # bump when the generator changes: cached datasets are then rebuilt
+
+
+def describe(obj, attrs):
+    """An object's phrase naming the attributes `attrs` (the shape is always named): 'big red circle on the left'."""
+    words = [obj[a] for a in ("size", "colour") if a in attrs and obj[a]] + [obj["shape"]]
+    h, v = (obj[a] if a in attrs else None for a in ("h", "v"))
+    where = f"in the {v} {h}" if h and v else f"on the {h}" if h else f"at the {v}" if v else ""
+    return " ".join(words + [where] if where else words)
+
+
+def synthetic_matches(sentence, objects):
+    """How many scene objects (attribute dicts) have every attribute the sentence names: 1 when unambiguous."""
+    named = {WORD_ATTRIBUTE[w]: w for w in sentence.split() if w in WORD_ATTRIBUTE}
+    return sum(all(o[a] == w for a, w in named.items()) for o in objects)
+
+
+def synthetic_texts():
+    """Every phrase the synthetic data can contain (for training a tiny tokenizer)."""
+    return [the + describe(dict(shape=s, colour=c, size=z, h=h, v=v), ("colour", "size", "h", "v"))
+            for s, c, z, h, v in product(SHAPES, (None, *COLOURS), (None, *SIZES), (None, "left", "right"),
+                                         (None, "top", "bottom")) for the in ("", "the ")]
+
+
+def _polygon(shape, cx, cy, r):
+    """COCO polygon [x0, y0, x1, y1, ...] of a shape of radius r, pointing up."""
+    n, outer, inner = {"circle": (32, 1.0, 1.0), "square": (4, 1.0, 1.0), "triangle": (3, 1.15, 1.15),
+                       "star": (10, 1.1, 0.5), "hexagon": (6, 1.0, 1.0)}[shape]  # star: alternating radii
+    t = (np.pi / 4 if shape == "square" else -np.pi / 2) + 2 * np.pi * np.arange(n) / n
+    rr = r * np.where(np.arange(n) % 2, inner, outer)
+    return np.round(np.stack([cx + rr * np.cos(t), cy + rr * np.sin(t)], 1).reshape(-1), 2).tolist()
+
+
+def _scene(rng, n, width, height):
+    """n objects in distinct cells of a 3x3 grid, each referred object >= 75% visible; later objects are on top.
+    Most objects share the shape or the colour of an earlier one, so a description needs several attributes."""
+    while True:
+        objs = []
+        for cell in rng.choice(9, n, replace=False):
+            shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+            if objs and rng.random() < 0.8:
+                other = objs[rng.integers(len(objs))]
+                shape, colour = (other["shape"], colour) if rng.random() < 0.5 else (shape, other["colour"])
+            big = rng.random() < 0.5
+            row, col = divmod(int(cell), 3)
+            wh = np.array([width, height])
+            cx, cy = (wh * (0.2 + 0.3 * np.array([col, row])) + rng.uniform(-6, 6, 2) * wh / 224).tolist()
+            r = min(width, height) * (rng.uniform(0.12, 0.14) if big else rng.uniform(0.065, 0.085))
+            objs.append(dict(shape=str(shape), colour=str(colour), size=SIZES[big], h={0: "left", 2: "right"}.get(col),
+                             v={0: "top", 2: "bottom"}.get(row), polygon=_polygon(shape, cx, cy, r)))
+        full = np.stack([decode_mask([o["polygon"]], height, width) for o in objs])
+        above = np.flip(np.logical_or.accumulate(np.flip(full, 0), 0), 0)  # above[i] = union of full[i:]
+        visible = full & ~np.concatenate([above[1:], np.zeros_like(full[:1])])
+        if (visible.sum((1, 2)) >= 0.75 * full.sum((1, 2))).all():
+            return objs, full, visible
+
+
+def _expressions(rng, obj, scene):
+    """2-3 phrasings of the shortest description naming `obj` alone in `scene` (attribute dicts); [] if none does."""
+    options = [k for k in ("colour", "size", "h", "v") if obj[k]]
+    for n in range(len(options) + 1):  # shortest first, in a random order within a length
+        combos = list(combinations(options, n))
+        unique = [combos[i] for i in rng.permutation(len(combos))
+                  if synthetic_matches(describe(obj, combos[i]), scene) == 1]
+        if unique:
+            d, extra = describe(obj, unique[0]), [k for k in options if k not in unique[0]]
+            longer = ["the " + describe(obj, unique[0] + (extra[int(rng.integers(len(extra)))],))] if extra else []
+            return [d, "the " + d] + longer  # the longer one is still true, so still unique
+    return []  # an identical twin in the scene
+
+
+def _write_synthetic(out, seed, counts, width, height):
+    os.makedirs(os.path.join(out, "synthetic"))
+    os.makedirs(os.path.join(out, "images"))
+    refs, images, anns, n_sent = [], [], [], 0
+    for s, (split, (lo, hi)) in enumerate(SYNTHETIC_SPLITS.items()):
+        rng = np.random.default_rng([seed, s])  # one stream per split: val does not change with num_train
+        for _ in range(counts[split]):
+            objs, full, visible = _scene(rng, int(rng.integers(lo, hi + 1)), width, height)
+            image_id = len(images) + 1
+            file_name = f"synthetic_{image_id:012d}.png"
+            pixels = np.full((height, width, 3), 235, np.uint8)
+            for o, m in zip(objs, full):  # painted from the decoded masks: image and masks agree to the pixel
+                pixels[m] = COLOURS[o["colour"]]
+            Image.fromarray(pixels).save(os.path.join(out, "images", file_name))
+            images.append(dict(id=image_id, file_name=file_name, height=height, width=width))
+            scene = [{k: o[k] for k in ("shape", "colour", "size", "h", "v")} for o in objs]
+            for o, a, f, m in zip(objs, scene, full, visible):
+                ann_id, rle = len(anns) + 1, mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+                # the polygon when nothing covers the object, else the visible part as an RLE
+                seg = [o["polygon"]] if (f == m).all() else dict(size=[height, width], counts=rle["counts"].decode())
+                anns.append(dict(id=ann_id, image_id=image_id, category_id=SHAPES.index(o["shape"]) + 1, iscrowd=0,
+                                 segmentation=seg, area=int(mask_utils.area(rle)),
+                                 bbox=mask_utils.toBbox(rle).tolist(), attributes=a))
+                sents = [dict(sent=t, raw=t, tokens=t.split(), sent_id=n_sent + i)
+                         for i, t in enumerate(_expressions(rng, a, scene))]
+                n_sent += len(sents)
+                if sents:
+                    refs.append(dict(ref_id=len(refs), ann_id=ann_id, image_id=image_id, split=split,
+                                     category_id=SHAPES.index(o["shape"]) + 1, sentences=sents,
+                                     sent_ids=[x["sent_id"] for x in sents],
+                                     file_name=f"synthetic_{image_id:012d}_{ann_id}.png"))  # like refer's: no file
+    with open(os.path.join(out, "synthetic", "refs(unc).p"), "wb") as f:
+        pickle.dump(refs, f)
+    with open(os.path.join(out, "synthetic", "instances.json"), "w") as f:
+        json.dump(dict(images=images, annotations=anns,
+                       categories=[dict(id=i + 1, name=s) for i, s in enumerate(SHAPES)]), f)
+
+
+def make_synthetic(root, seed=0, num_train=400, num_val=50, num_test=50, size=224):
+    """Write (once) a synthetic RefCOCO in the refer layout: root/synthetic/{refs(unc).p, instances.json,
+    meta.json}, root/images/*.png; splits train/val/testA (3 objects)/testB (5 objects), num_test scenes each;
+    size is the side of square images or (width, height).
+    Deterministic from the arguments; a finished dataset with the same meta.json is kept. Call it on one rank."""
+    counts = dict(train=num_train, val=num_val, testA=num_test, testB=num_test)
+    meta = dict(version=SYNTHETIC_VERSION, seed=seed, size=size if isinstance(size, int) else list(size), **counts)
+    meta_path = os.path.join(root, "synthetic", "meta.json")
+    if os.path.isfile(meta_path) and os.path.isdir(os.path.join(root, "images")) and _load_json(meta_path) == meta:
+        return root
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-synthetic-")
+    width, height = (size, size) if isinstance(size, int) else size
+    _write_synthetic(tmp, seed, counts, width, height)
+    with open(os.path.join(tmp, "synthetic", "meta.json"), "w") as f:
+        json.dump(meta, f)
+    for name in ("synthetic", "images"):  # a stale dataset goes, its meta.json first
+        if os.path.exists(os.path.join(root, name)):
+            shutil.rmtree(os.path.join(root, name))
+    for name in ("images", "synthetic"):  # meta.json arrives last: a run killed in between redoes everything
+        os.rename(os.path.join(tmp, name), os.path.join(root, name))
+    os.rmdir(tmp)
+    return root
