@@ -197,12 +197,12 @@ def load_panoptic(path):
 
 
 def resize_masks(gt_masks, h, w):
-    """bool (K, H, W) -> float32 (K, h, w) in {0, 1}: box filter (area fraction) then >= 0.5.
+    """bool (K, H, W) -> bool (K, h, w): box filter (area fraction) then >= 0.5.
 
     Each output pixel is the majority of its footprint on the same pixel grid PIL uses to resize the image, so the
     mask follows the image exactly and thin parts are neither shifted nor dropped as by point (nearest) sampling."""
     out = [np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.BOX)) >= 128 for m in gt_masks]
-    return torch.from_numpy(np.stack(out) if out else np.zeros((0, h, w), bool)).float()
+    return torch.from_numpy(np.stack(out) if out else np.zeros((0, h, w), bool))
 
 
 # ----------------------------------------------------------------------------------------------- samples
@@ -238,8 +238,8 @@ class GroundingDataset(Dataset):
     """Items -> samples; all CPU work (image, patchify, tokenize, masks) happens in __getitem__.
 
     A sample: the `qwen_inputs.build_inputs` keys, `pixel_values` (gh*gw, 1176) float32, `image_grid_thw` (1, 3),
-    `masks` float32 (K, gh*14, gw*14), `gt_masks` bool (K, H, W) at the stored size, and per phrase the lists
-    `phrases`, `ids`, `supervised`, `no_target`, `isthing`, `plural`; plus `image_id`, `file_name`.
+    `masks` bool (K, gh*14, gw*14) (the loss targets), `gt_masks` bool (K, H, W) at the stored size, and per phrase
+    the lists `phrases`, `ids`, `supervised`, `no_target`, `isthing`, `plural`; plus `image_id`, `file_name`.
     The sentence drawn for an object with several depends only on (seed, epoch, index): a resumed run sees the same.
     With skip_bad, an unreadable sample is None (counted by `collate_skip`); items whose files are missing are left
     out at construction and listed in `self.skipped`."""
@@ -318,6 +318,17 @@ class GroundingDataset(Dataset):
 SPEC_KEYS = {"refer": {"data_root", "dataset", "split_by", "split", "image_dir"},
              "grefcoco": {"data_root", "split", "image_dir"},
              "png": {"png_json", "panoptic_json", "panoptic_dir", "image_dir"}}
+
+
+def spec_name(spec):
+    """A short name for a data spec, used in tables and by eval.py --split: refcoco_val, refcocog_umd_test,
+    grefcoco_val, png_coco_val2017."""
+    if spec.get("kind") == "refer":
+        by = "" if spec["split_by"] == "unc" else f"_{spec['split_by']}"
+        return f"{spec['dataset']}{by}_{spec['split']}"
+    if spec.get("kind") == "grefcoco":
+        return f"grefcoco_{spec['split']}"
+    return os.path.splitext(os.path.basename(spec["png_json"]))[0]
 
 
 def build_dataset(spec, tokenizer, *, train, protocol="standard", min_pixels=qwen_inputs.MIN_PIXELS,

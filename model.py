@@ -12,6 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.vision_utils import get_vision_window_index
 
 import qwen_inputs
@@ -29,9 +32,17 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_value
 def load_qwen(name_or_path, dtype=torch.bfloat16, device="cuda"):
     """A frozen Qwen2_5_VLForConditionalGeneration (eval, no grad, SDPA) and its tokenizer, from a local
     directory or a Hub id. Never trust_remote_code: everything used is in transformers itself."""
-    qwen = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
+    qwen = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
+    use_fast_attention(qwen)
     qwen.requires_grad_(False).eval().to(device)
     return qwen, AutoTokenizer.from_pretrained(name_or_path)
+
+
+def use_fast_attention(qwen):
+    """Text layers on SDPA with phrase capture, vision blocks on one padded SDPA call per block. Without a
+    PhraseCapture the model computes exactly what stock SDPA computes (chat and generate are unaffected)."""
+    qwen.set_attn_implementation({"text_config": CAPTURE_ATTENTION, "vision_config": VISION_ATTENTION})
+    return qwen
 
 
 def build_tiny_qwen(out_dir, texts, *, seed=0, hidden=128, layers=4, heads=4, kv_heads=2, vision_hidden=64,
@@ -79,9 +90,72 @@ def build_tiny_qwen(out_dir, texts, *, seed=0, hidden=128, layers=4, heads=4, kv
 
 # ----------------------------------------------------------------------------------------- attention capture
 
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+# Two attention functions, registered with transformers' public AttentionInterface and selected per sub-config
+# in load_qwen. Both compute the model's output with PyTorch SDPA; neither builds an S x S map.
+CAPTURE_ATTENTION = "sdpa_phrase_capture"  # text: SDPA, plus the phrase rows when phrase_attention asks for them
+# Vision: transformers passes a whole block's windows as one packed sequence with cu_seqlens only to
+# implementations whose name contains "flash"; stock SDPA instead loops over every window in Python (30 per
+# 640x480 image in each of 28 blocks), which dominates a batched forward on a GPU.
+VISION_ATTENTION = "flash_style_varlen_sdpa"
+
+
+class PhraseCapture:
+    """What the text attention function needs to record one layer's phrase rows, built once per forward.
+
+    rows (B, R): positions of the phrase tokens; avg (B, P, R): phrase-mean weights over them; cols (B, N): image
+    token positions in raster order; keys_ok (B, R, S): causal and padding mask of each row. `maps` collects one
+    (B, P, H, N) float32 tensor per layer, in layer order."""
+
+    def __init__(self, rows, avg, cols, keys_ok):
+        self.rows, self.avg, self.cols, self.keys_ok, self.maps = rows, avg, cols, keys_ok, []
+
+    def record(self, query, key, scaling):
+        """query (B, H, S, D) and key (B, KV, S, D) as the layer's attention sees them (after M-RoPE)."""
+        B, H, S, D = query.shape
+        KV, R = key.shape[1], self.rows.shape[1]
+        with torch.autocast(query.device.type, enabled=False):  # the captured softmax is float32 under any AMP
+            q = query.gather(2, self.rows[:, None, :, None].expand(B, H, R, D)).float()  # (B, H, R, D)
+            # GQA: query head h reads kv head h // (H // KV); grouping q as (KV, H/KV) avoids repeating keys
+            q = q.view(B, KV, H // KV, R, D)
+            scores = q @ key.float()[:, :, None].transpose(-1, -2) * scaling  # (B, KV, H/KV, R, S)
+            scores = scores.masked_fill(~self.keys_ok[:, None, None], float("-inf"))
+            probs = scores.softmax(-1).view(B, H, R, S)  # over all keys, as eager attention normalises
+            probs = probs.gather(-1, self.cols[:, None, None].expand(B, H, R, -1))  # (B, H, R, N) image columns
+            self.maps.append(torch.einsum("bpr,bhrn->bphn", self.avg, probs))  # mean over each phrase's rows
+
+
+def capture_attention(module, query, key, value, attention_mask, scaling=None, phrase_capture=None, **kwargs):
+    """SDPA for the layer output; with a PhraseCapture (passed by phrase_attention as a forward kwarg, which
+    transformers hands to every attention call) also the phrase rows of the attention probabilities."""
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if phrase_capture is not None:
+        phrase_capture.record(query, key, module.scaling if scaling is None else scaling)
+    return out
+
+
+def varlen_vision_attention(module, query, key, value, attention_mask=None, scaling=None, cu_seq_lens_q=None,
+                            max_length_q=None, **kwargs):
+    """Non-causal attention within each packed sequence of cu_seq_lens_q (the vision tower's windows, or whole
+    images in its full-attention blocks) as one padded SDPA call. query/key/value (1, heads, T, D) ->
+    ((1, T, heads, D), None), the layout transformers' flash path expects."""
+    _, heads, T, D = query.shape
+    cu = cu_seq_lens_q.to(query.device, torch.int64)
+    lengths = cu[1:] - cu[:-1]  # (n,)
+    n, L = len(lengths), int(max_length_q) if max_length_q is not None else int(lengths.max())
+    offsets = torch.arange(L, device=query.device)
+    valid = offsets < lengths[:, None]  # (n, L)
+    index = (cu[:-1, None] + offsets).masked_fill(~valid, 0)  # (n, L) packed position of each padded slot
+    q, k, v = (x[0][:, index].transpose(0, 1) for x in (query, key, value))  # (n, heads, L, D) each
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scaling)
+    # back to packed order by an integer gather (a boolean mask would sync with the GPU in every block)
+    t = torch.arange(T, device=query.device)
+    seq = torch.searchsorted(cu[1:], t, right=True)  # (T,) the sequence of each packed position
+    return out.transpose(1, 2).reshape(n * L, heads, D)[seq * L + t - cu[seq]][None], None  # (1, T, heads, D)
+
+
+AttentionInterface.register(CAPTURE_ATTENTION, capture_attention)
+AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)  # without it the model would build no mask
+AttentionInterface.register(VISION_ATTENTION, varlen_vision_attention)
 
 
 def _first_positions(flags):
@@ -91,38 +165,6 @@ def _first_positions(flags):
     order = torch.argsort((~flags).to(torch.int8), dim=1, stable=True)  # True entries first, in sequence order
     valid = torch.arange(int(count.max()), device=flags.device) < count[:, None]
     return order[:, :valid.shape[1]].masked_fill(~valid, 0), valid
-
-
-def _capture_hook(rows, avg, cols, keys_ok, out):
-    """A forward pre-hook for a decoder layer's `self_attn` that appends (B, P, H, N) float32 to `out`: the
-    phrase-mean softmax attention of the phrase rows to the image columns, recomputed from the layer input.
-
-    A pre-hook sees the normed hidden states and the layer's M-RoPE (cos, sin) whatever attention backend
-    runs the layer itself, so the same code serves SDPA and flash attention. Only the R phrase rows are
-    projected to queries; keys for all S positions are needed because the softmax normalises over them."""
-    def hook(attn, args, kwargs):
-        h = kwargs["hidden_states"]  # (B, S, hidden), already through input_layernorm
-        cos, sin = kwargs["position_embeddings"]  # (B, S, D) each, M-RoPE already merged per section
-        B, S, _ = h.shape
-        D, KV = attn.head_dim, attn.config.num_key_value_heads
-        H = attn.config.num_attention_heads
-        R = rows.shape[1]
-        q = attn.q_proj(h.gather(1, rows[..., None].expand(-1, -1, h.shape[-1])))  # (B, R, H*D)
-        k = attn.k_proj(h)  # (B, S, KV*D)
-        with torch.autocast(h.device.type, enabled=False):  # the captured softmax is float32 under any AMP
-            q = q.float().view(B, R, H, D).transpose(1, 2)  # (B, H, R, D)
-            k = k.float().view(B, S, KV, D).transpose(1, 2)  # (B, KV, S, D)
-            cos_r, sin_r = (t.float().gather(1, rows[..., None].expand(-1, -1, D))[:, None] for t in (cos, sin))
-            q = q * cos_r + _rotate_half(q) * sin_r
-            k = k * cos.float()[:, None] + _rotate_half(k) * sin.float()[:, None]
-            # GQA: query head h reads kv head h // (H // KV); grouping q as (KV, H/KV) avoids repeating k
-            q = q.view(B, KV, H // KV, R, D)
-            scores = q @ k[:, :, None].transpose(-1, -2) * attn.scaling  # (B, KV, H/KV, R, S)
-            scores = scores.masked_fill(~keys_ok[:, None, None], float("-inf"))
-            probs = scores.softmax(-1).view(B, H, R, S)
-            probs = probs.gather(-1, cols[:, None, None].expand(B, H, R, -1))  # (B, H, R, N) image columns
-            out.append(torch.einsum("bpr,bhrn->bphn", avg, probs))  # (B, P, H, N): mean over each phrase's rows
-    return hook
 
 
 def _raster_features(x, grid, visual):
@@ -152,8 +194,11 @@ def phrase_attention(qwen, batch, *, vision=False):
     phrase's tokens and not renormalised; the image tokens in raster order over (gh/2, gw/2). `batch` is a
     `qwen_inputs.collate` batch (right-padded, `mask_ids` k on phrase k's tokens). With vision=True also
     returns the vision tower's last-block patch features (before the 2x2 merger), one float32
-    (C_vis, gh, gw) per image. The model itself is left exactly as it was (hooks removed in `finally`).
+    (C_vis, gh, gw) per image. Needs the attention set by `use_fast_attention` (load_qwen does it).
     """
+    if qwen.config.text_config._attn_implementation != CAPTURE_ATTENTION:
+        raise ValueError(f"phrase_attention: the text attention is {qwen.config.text_config._attn_implementation!r}; "
+                         f"call model.use_fast_attention(qwen) (load_qwen does) so that it is {CAPTURE_ATTENTION!r}")
     qwen_inputs.check_inputs(batch, qwen.config.image_token_id)
     device = qwen.device
     mask_ids = batch["mask_ids"].to(device)
@@ -180,20 +225,19 @@ def phrase_attention(qwen, batch, *, vision=False):
     keys = torch.arange(S, device=device)
     keys_ok = (keys <= rows[..., None]) & inputs["attention_mask"].bool()[:, None]  # (B, R, S) causal + padding
 
-    per_layer, vis = [], []
-    layers = qwen.model.language_model.layers
-    handles = [layer.self_attn.register_forward_pre_hook(
-        _capture_hook(rows, avg, cols, keys_ok, per_layer), with_kwargs=True) for layer in layers]
+    capture, vis = PhraseCapture(rows, avg, cols, keys_ok), []
+    handle = None
     if vision:  # the merger's input: (num_patches, C_vis) after the last block, in window order
-        handles.append(qwen.model.visual.merger.register_forward_pre_hook(lambda merger, args: vis.append(args[0])))
-    try:
-        qwen.model(**inputs, use_cache=False)  # the base model: no lm_head, its logits are not needed
+        handle = qwen.model.visual.merger.register_forward_pre_hook(lambda merger, args: vis.append(args[0]))
+    try:  # the base model: no lm_head, its logits are not needed
+        qwen.model(**inputs, use_cache=False, phrase_capture=capture)
     finally:
-        for handle in handles:
+        if handle is not None:
             handle.remove()
 
-    B, P, H, N = per_layer[0].shape
-    stack = torch.stack(per_layer, 2).view(B, P, len(layers) * H, N)  # (B, P, L*H, N), channel layer*H + head
+    layers = len(capture.maps)  # one per decoder layer
+    B, P, H, N = capture.maps[0].shape
+    stack = torch.stack(capture.maps, 2).view(B, P, layers * H, N)  # (B, P, L*H, N), channel layer*H + head
     maps = []
     for b, ((_, gh, gw), k) in enumerate(zip(batch["image_grid_thw"].tolist(), num_phrases.tolist())):
         maps += [stack[b, p, :, :gh * gw // 4].reshape(-1, gh // 2, gw // 2) for p in range(k)]  # (L*H, gh/2, gw/2)
@@ -315,7 +359,7 @@ class Grounder(nn.Module):
         masks = [m for ms in batch["masks"] for m in ms]
         keep = [bool(s) for ss in batch["supervised"] for s in ss] if "supervised" in batch else [True] * len(masks)
         return ([x for x, k in zip(logits, keep, strict=True) if k],
-                [m.to(device, torch.float32) for m, k in zip(masks, keep, strict=True) if k])
+                [m.to(device, torch.float32, non_blocking=True) for m, k in zip(masks, keep, strict=True) if k])
 
     @staticmethod
     def loss(logits, masks):

@@ -231,7 +231,7 @@ def check_sample(s, expect_phrases):
     K = len(expect_phrases)
     assert s["phrases"] == expect_phrases and len(s["ids"]) == K
     assert s["pixel_values"].shape == (gh * gw, qwen_inputs.PATCH_DIM) and s["pixel_values"].dtype == torch.float32
-    assert s["masks"].shape == (K, gh * 14, gw * 14) and s["masks"].dtype == torch.float32
+    assert s["masks"].shape == (K, gh * 14, gw * 14) and s["masks"].dtype == torch.bool
     assert s["gt_masks"].dtype == torch.bool and s["gt_masks"].shape[0] == K
     assert sorted(set(s["mask_ids"].tolist()) - {-1}) == list(range(K))
     assert int((s["mm_token_type_ids"] == 1).sum()) == gh * gw // 4
@@ -249,7 +249,7 @@ def test_protocols_and_masks(refer_root, tokenizer):
     for k, ann in enumerate(ANNOTATIONS[:2]):
         gt = reference_mask(ann["segmentation"], 56, 84)
         assert torch.equal(s["gt_masks"][k], torch.from_numpy(gt))
-        assert torch.equal(s["masks"][k], torch.from_numpy(gt).float())  # 56x84 is kept as is by smart_resize
+        assert torch.equal(s["masks"][k], torch.from_numpy(gt))  # 56x84 is kept as is by smart_resize
     resized = data.build_dataset(spec(refer_root, "testB"), tokenizer, train=False)[0]  # 50x70 -> 56x56
     check_sample(resized, ["disk"])
     assert resized["gt_masks"].shape == (1, 50, 70) and resized["masks"].shape == (1, 56, 56)

@@ -48,7 +48,7 @@ def reference_maps(eager, batch):
 
 def test_phrase_attention_matches_eager(tiny_qwen, batch):
     model_dir, qwen, _ = tiny_qwen
-    assert qwen.config.text_config._attn_implementation == "sdpa"
+    assert qwen.config.text_config._attn_implementation == model.CAPTURE_ATTENTION  # SDPA + capture
     text = qwen.config.text_config
     assert text.num_key_value_heads < text.num_attention_heads  # GQA is exercised
     eager = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
@@ -60,7 +60,6 @@ def test_phrase_attention_matches_eager(tiny_qwen, batch):
         assert m.dtype == torch.float32 and m.shape == r.shape
         assert m.shape[0] == text.num_hidden_layers * text.num_attention_heads
         assert (m - r).abs().max().item() <= 1e-5
-    assert not any(layer.self_attn._forward_pre_hooks for layer in qwen.model.language_model.layers)
 
 
 def test_batched_equals_single(tiny_qwen, batch):
@@ -178,3 +177,19 @@ def test_wrong_pixels_stop_before_the_model(tiny_qwen, batch, monkeypatch):
     n, expect = bad["pixel_values"].shape[0], int(bad["image_grid_thw"].prod())
     with pytest.raises(ValueError, match=rf"{n} patch rows.*{expect} patches"):
         model.phrase_attention(qwen, bad)
+
+
+def test_varlen_vision_attention_equals_stock_sdpa(tiny_qwen):
+    """One padded SDPA call per vision block must give what transformers' per-window SDPA loop gives, on images
+    whose 112-px windows have different sizes (edge windows are cut)."""
+    model_dir, qwen, tokenizer = tiny_qwen
+    stock = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
+                                                               attn_implementation="sdpa").eval()
+    b = qi.collate([make_sample(tokenizer, (168, 252), ["zebra"]), make_sample(tokenizer, (252, 196), ["x"], seed=1),
+                    make_sample(tokenizer, (56, 56), ["y"], seed=2)])
+    assert qwen.config.vision_config._attn_implementation == model.VISION_ATTENTION
+    with torch.no_grad():
+        ours = qwen.model.get_image_features(b["pixel_values"], b["image_grid_thw"]).pooler_output
+        ref = stock.model.get_image_features(b["pixel_values"], b["image_grid_thw"]).pooler_output
+    for o, r in zip(ours, ref, strict=True):
+        assert o.shape == r.shape and (o - r).abs().max().item() < 1e-5

@@ -1,0 +1,275 @@
+"""Speed and memory: our capture vs the floor (a plain frozen forward) and vs the F-LMM way (eager attention,
+output_attentions=True, full model with lm_head, batch 1). Random weights; RefCOCO-like inputs (640x480 image ->
+391 image tokens, 3 phrases of ~5 tokens).
+
+    python bench.py                          # CPU: a wider tiny Qwen2.5-VL, float32
+    python bench.py --model 3b --out bench_3b.json   # CUDA: the real 3B architecture, bf16, random weights
+    python bench.py --model 7b
+"""
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+import model
+import qwen_inputs
+
+PHRASES = ["the man in the red shirt", "a white dog on the left", "the bicycle near the wall"]
+TEXTS = ["You are a helpful assistant.", qwen_inputs.DEFAULT_PROMPT, *PHRASES] * 20
+# Full-size text/vision configs (DESIGN.md); vision: depth 32, hidden 1280, 16 heads, window 112.
+ARCH = {"3b": dict(hidden=2048, inter=11008, layers=36, heads=16, kv_heads=2, vocab=151936, tied=True),
+        "7b": dict(hidden=3584, inter=18944, layers=28, heads=28, kv_heads=4, vocab=152064, tied=False)}
+
+
+def build(name, device, workdir):
+    """(qwen, tokenizer) with random weights. The tokenizer is the tiny BPE one; ids are re-pointed to it."""
+    tiny_dir = os.path.join(workdir, "tiny")
+    kw = dict(hidden=256, layers=6, heads=8, kv_heads=2, vision_hidden=128, vision_depth=4) if name == "tiny" else {}
+    model.build_tiny_qwen(tiny_dir, TEXTS, seed=0, **kw)
+    if name in ("tiny",) or os.path.isdir(name):
+        return model.load_qwen(tiny_dir if name == "tiny" else name, dtype=dtype_for(device), device=device)
+    from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    a, tiny_cfg = ARCH[name], AutoConfig.from_pretrained(tiny_dir)
+    cfg = AutoConfig.from_pretrained(tiny_dir)
+    cfg.text_config.update(dict(hidden_size=a["hidden"], intermediate_size=a["inter"], num_hidden_layers=a["layers"],
+                                num_attention_heads=a["heads"], num_key_value_heads=a["kv_heads"], vocab_size=a["vocab"],
+                                max_position_embeddings=128000))
+    cfg.text_config.rope_parameters["mrope_section"] = [16, 24, 24]
+    cfg.text_config.layer_types = ["full_attention"] * a["layers"]
+    cfg.vision_config.update(dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                  out_hidden_size=a["hidden"], fullatt_block_indexes=[7, 15, 23, 31]))
+    cfg.tie_word_embeddings = a["tied"]
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        setattr(cfg, key, getattr(tiny_cfg, key))
+    torch.manual_seed(0)
+    with device:  # random init directly on the device: minutes faster than on the CPU for 3B/7B
+        qwen = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype_for(device), attn_implementation="sdpa")
+    model.use_fast_attention(qwen).requires_grad_(False).eval()
+    return qwen, AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def stock_sdpa(qwen):
+    qwen.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+
+
+def dtype_for(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def timed(fn, device, repeats, warmup=2):
+    """Median seconds of fn() and the peak memory it added over what was held before (bytes)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    base = reset_peak(device)
+    fn()
+    return statistics.median(times), peak(device) - base
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM (peak RSS) to the current RSS
+        f.write("5")
+    return rss("VmRSS")
+
+
+def peak(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return rss("VmHWM")
+
+
+def fixed_mmap_threshold():
+    """CPU peak memory is read from RSS. glibc raises its mmap threshold as blocks are freed, after which freed
+    tensors stay in the heap and a later peak hides inside RSS already held; a fixed threshold gives every large
+    tensor its own mapping, returned to the system on free, so the RSS high-water mark sees each run's peak."""
+    import ctypes
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD = 128 KiB, no longer adaptive
+
+
+def rss(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def sample(tokenizer, rng, size):
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    pixel_values, grid = qwen_inputs.patchify(image)
+    masks = torch.from_numpy(rng.random((len(PHRASES), int(grid[0, 1]) * 14, int(grid[0, 2]) * 14)) > 0.7).float()
+    return dict(qwen_inputs.build_inputs(tokenizer, grid, PHRASES), pixel_values=pixel_values, image_grid_thw=grid,
+                masks=list(masks))
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny | 3b | 7b | a local checkpoint directory")
+    parser.add_argument("--out", default=None, help="write the raw numbers here as JSON")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch_sizes", default="1,2,4,8")
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers for the loader benchmark")
+    parser.add_argument("--image_size", default="640x480", help="WxH of the benchmark images (640x480: 391 tokens)")
+    parser.add_argument("--quick", action="store_true", help="one repeat, batch 1 only (keeps the script working)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = tuple(int(v) for v in args.image_size.split("x"))
+    if device.type == "cpu":
+        fixed_mmap_threshold()
+        torch.set_num_threads(1)  # steadier on small shared machines (DESIGN.md); the ratios are what matter
+    repeats = 1 if args.quick else args.repeats
+    batch_sizes = [1] if args.quick else [int(b) for b in args.batch_sizes.split(",")]
+    workdir = tempfile.mkdtemp()
+    qwen, tokenizer = build(args.model, device, workdir)
+    rng = np.random.default_rng(0)
+    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+           "model": args.model, "dtype": str(dtype_for(device)), "torch": torch.__version__}
+    rows = []
+
+    # 1. patchify vs the official processor, images/s
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    official = Qwen2VLImageProcessorPil(min_pixels=qwen_inputs.MIN_PIXELS, max_pixels=qwen_inputs.MAX_PIXELS)
+    n = 5 if args.quick else 40
+    t_ours, _ = timed(lambda: [qwen_inputs.patchify(image) for _ in range(n)], torch.device("cpu"), repeats)
+    t_hf, _ = timed(lambda: [official(images=image, return_tensors="pt") for _ in range(n)], torch.device("cpu"), repeats)
+    res["patchify"] = {"ours_images_per_s": n / t_ours, "hf_images_per_s": n / t_hf}
+    res["patchify_speedup_vs_hf"] = t_hf / t_ours
+    rows.append((f"patchify {args.image_size} (images/s)", f"{n / t_ours:.1f}", f"official {n / t_hf:.1f}", f"{t_hf / t_ours:.2f}x"))
+
+    # 2. the frozen forward three ways, batch 1
+    one = to_device(qwen_inputs.collate([sample(tokenizer, rng, size)]), device)
+    inputs = {k: one[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")}
+    with torch.no_grad():
+        stock_sdpa(qwen)  # the floor: stock transformers SDPA everywhere, no capture
+        t_floor, m_floor = timed(lambda: qwen.model(**inputs, use_cache=False), device, repeats)
+        model.use_fast_attention(qwen)  # ours: one SDPA call per vision block; the same forward, no capture
+        t_fast, m_fast = timed(lambda: qwen.model(**inputs, use_cache=False), device, repeats)
+        t_ours, m_ours = timed(lambda: model.phrase_attention(qwen, one), device, repeats)
+        qwen.set_attn_implementation("eager")  # F-LMM: eager attention, every layer's full S x S map, lm_head
+        t_flmm, m_flmm = timed(lambda: qwen(**inputs, output_attentions=True, use_cache=False), device, repeats)
+        model.use_fast_attention(qwen)
+    res["forward_batch1"] = {"seq_len": int(one["input_ids"].shape[1]),
+                             "image_tokens": int(one["mm_token_type_ids"].sum()),
+                             "floor": {"s": t_floor, "added_bytes": m_floor},
+                             "ours_no_capture": {"s": t_fast, "added_bytes": m_fast},
+                             "ours": {"s": t_ours, "added_bytes": m_ours},
+                             "flmm": {"s": t_flmm, "added_bytes": m_flmm}}
+    res["capture_time_vs_floor"] = t_ours / t_floor
+    res["capture_speedup_vs_flmm"] = t_flmm / t_ours
+    res["capture_memory_vs_flmm"] = m_ours / max(m_flmm, 1)
+    mb = 2 ** 20
+    rows += [("forward: floor (qwen.model, stock SDPA)", f"{1e3 * t_floor:.1f} ms", f"+{m_floor / mb:.0f} MiB", "1.00x"),
+             ("forward: our attention, no capture", f"{1e3 * t_fast:.1f} ms", f"+{m_fast / mb:.0f} MiB",
+              f"{t_fast / t_floor:.2f}x"),
+             ("forward: ours (phrase_attention)", f"{1e3 * t_ours:.1f} ms", f"+{m_ours / mb:.0f} MiB",
+              f"{t_ours / t_floor:.2f}x"),
+             ("forward: F-LMM (eager, output_attentions)", f"{1e3 * t_flmm:.1f} ms", f"+{m_flmm / mb:.0f} MiB",
+              f"{t_flmm / t_floor:.2f}x")]
+
+    # 3. a full training step vs the floor at the same batch size
+    text = qwen.config.text_config
+    head = model.MaskHead(in_channels=text.num_hidden_layers * text.num_attention_heads).to(device)
+    grounder = model.Grounder(qwen, head)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-4, weight_decay=0.01)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    res["train"] = {}
+    best = None
+    for bs in batch_sizes:
+        batch = to_device(qwen_inputs.collate([sample(tokenizer, rng, size) for _ in range(bs)]), device)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
+                                          "image_grid_thw")}
+
+        def step():
+            with autocast:
+                logits = grounder(batch)
+                loss, _ = grounder.loss(logits, [m for ms in batch["masks"] for m in ms])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        try:
+            with torch.no_grad():
+                stock_sdpa(qwen)
+                t_f, _ = timed(lambda: qwen.model(**inputs, use_cache=False), device, repeats)
+                model.use_fast_attention(qwen)
+                t_c, _ = timed(lambda: model.phrase_attention(qwen, batch), device, repeats)
+            t_s, m_s = timed(step, device, repeats)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            rows.append((f"train step batch {bs}", "out of memory", "", ""))
+            break
+        res["train"][bs] = {"step_s": t_s, "floor_s": t_f, "capture_s": t_c, "samples_per_s": bs / t_s,
+                            "peak_added_bytes": m_s}
+        rows.append((f"train step batch {bs} (samples/s)", f"{bs / t_s:.1f}", f"floor {bs / t_f:.1f}/s",
+                     f"{t_s / t_f:.2f}x"))
+        if best is None or bs / t_s > res["train"][best]["samples_per_s"]:
+            best = bs
+    res["best_batch_size"] = best
+    res["train_step_time_vs_floor"] = res["train"][best]["step_s"] / res["train"][best]["floor_s"]
+    res["train_samples_per_s"] = res["train"][best]["samples_per_s"]
+    # F-LMM's way is batch 1 by construction; ours batches: per-sample capture time at the best batch size
+    res["capture_speedup_vs_flmm_batched"] = t_flmm / (res["train"][best]["capture_s"] / best)
+    rows.append((f"capture per sample at batch {best}", f"{1e3 * res['train'][best]['capture_s'] / best:.1f} ms",
+                 f"F-LMM {1e3 * t_flmm:.1f} ms", f"{res['capture_speedup_vs_flmm_batched']:.2f}x faster"))
+
+    # 4. the DataLoader with workers vs what the training step consumes
+    # enough images for several batches per worker; the first epoch starts the (persistent) workers, the second
+    # is timed, as in training where workers live for the whole run
+    n_images = 16 if args.quick else max(128, 4 * best * max(1, args.workers))
+    root = data.make_synthetic(os.path.join(workdir, "synthetic"), seed=0, num_train=n_images, num_val=0,
+                               num_test=0, size=size)
+    dataset = data.build_dataset(dict(kind="refer", data_root=root, dataset="synthetic", split_by="unc", split="train",
+                                      image_dir=os.path.join(root, "images")), tokenizer, train=True)
+    loader = data.build_loader(dataset, best, num_workers=args.workers, shuffle=True, seed=0, drop_last=True)
+    for epoch in range(2):
+        data.set_epoch(loader, epoch)
+        t = time.perf_counter()
+        count = sum(len(b["input_ids"]) for b in loader)
+        loader_rate = count / (time.perf_counter() - t)
+    res["loader_samples_per_s"] = loader_rate
+    res["loader_workers"] = args.workers
+    rows.append((f"DataLoader, {args.workers} workers (samples/s)", f"{loader_rate:.1f}",
+                 f"step needs {res['train_samples_per_s']:.1f}", f"{loader_rate / res['train_samples_per_s']:.2f}x"))
+
+    print(f"\n{res['device']} | {args.model} | {res['dtype']} | seq {res['forward_batch1']['seq_len']} tokens, "
+          f"{res['forward_batch1']['image_tokens']} image tokens")
+    for r in rows:
+        print(f"{r[0]:<44} {r[1]:>12} {r[2]:>20} {r[3]:>8}")
+    for key in ("patchify_speedup_vs_hf", "capture_time_vs_floor", "capture_speedup_vs_flmm",
+                "capture_speedup_vs_flmm_batched", "capture_memory_vs_flmm",
+                "train_step_time_vs_floor", "train_samples_per_s"):
+        print(f"{key} = {res[key]:.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
