@@ -384,15 +384,18 @@ def build_loader(dataset, batch_size, *, num_workers=0, shuffle=False, seed=0, d
     iterating each epoch. In distributed eval, DistributedSampler pads the last round with repeated samples."""
     distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
     world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-    # one sampler for both cases: DistributedSampler permutes with seed + epoch, which is what resuming needs
-    sampler = SeededSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+    if shuffle:  # DistributedSampler permutes with seed + epoch, which is what resuming needs (also on one process)
+        sampler = SeededSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    else:  # evaluation: rank r takes samples r, r + world, ...; no padding, so nothing is scored twice
+        sampler = range(rank, len(dataset), world)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_skip, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
                       persistent_workers=num_workers > 0)
 
 
 def set_epoch(loader, epoch, skip=0):
-    """Set the epoch of the loader's sampler (order) and of its dataset(s) (sentence draws); start `skip` batches in."""
+    """Set the epoch of a training loader's sampler (order) and of its dataset(s) (sentence draws); start `skip`
+    batches in."""
     loader.sampler.set_epoch(epoch)
     loader.sampler.skip = skip * loader.batch_size
     for ds in loader.dataset.datasets if isinstance(loader.dataset, ConcatDataset) else [loader.dataset]:

@@ -46,7 +46,7 @@ def use_fast_attention(qwen):
 
 
 def build_tiny_qwen(out_dir, texts, *, seed=0, hidden=128, layers=4, heads=4, kv_heads=2, vision_hidden=64,
-                    vision_depth=2, vocab_size=512):
+                    vision_depth=2, vocab_size=512, init_std=0.02):
     """Write a random tiny Qwen2.5-VL and a BPE tokenizer trained on `texts` to `out_dir` (offline, seeded).
 
     The result loads with `load_qwen(out_dir)` like a real checkpoint: same classes, same chat layout, same
@@ -74,10 +74,10 @@ def build_tiny_qwen(out_dir, texts, *, seed=0, hidden=128, layers=4, heads=4, kv
                          max_position_embeddings=4096, rope_parameters=dict(rope_type="default", rope_theta=1e6,
                                                                             mrope_section=section),
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
+                         pad_token_id=ids["<|endoftext|>"], initializer_range=init_std),
         vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
                            num_heads=max(1, vision_hidden // 32), out_hidden_size=hidden, window_size=112,
-                           fullatt_block_indexes=[vision_depth - 1]),
+                           fullatt_block_indexes=[vision_depth - 1], initializer_range=init_std),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(seed)
@@ -366,13 +366,17 @@ class Grounder(nn.Module):
         """BCE-with-logits + Dice (weight 1 each), each averaged over phrases -> (loss, dict(bce=, dice=))."""
         if not logits:
             raise ValueError("Grounder.loss: no phrases to supervise in this batch")
-        bce, dice = [], []
+        groups = {}  # phrases of one image size are scored as one stacked batch: a few kernels, not a few per phrase
         for x, m in zip(logits, masks, strict=True):
-            x, m = x.float(), m.to(x.device, torch.float32)
             if x.shape != m.shape:
                 raise ValueError(f"Grounder.loss: logits {tuple(x.shape)} vs mask {tuple(m.shape)}")
-            bce.append(F.binary_cross_entropy_with_logits(x, m))
+            groups.setdefault(tuple(x.shape), []).append((x, m))
+        bce, dice = [], []
+        for pairs in groups.values():
+            x = torch.stack([x for x, _ in pairs]).float().flatten(1)  # (P, h*w)
+            m = torch.stack([m for _, m in pairs]).to(x.device, torch.float32).flatten(1)
+            bce.append(F.binary_cross_entropy_with_logits(x, m, reduction="none").mean(1))  # (P,) per phrase
             p = x.sigmoid()
-            dice.append(1 - (2 * (p * m).sum() + 1) / (p.sum() + m.sum() + 1))  # +1: empty masks are fine
-        bce, dice = torch.stack(bce).mean(), torch.stack(dice).mean()
+            dice.append(1 - (2 * (p * m).sum(1) + 1) / (p.sum(1) + m.sum(1) + 1))  # +1: empty masks are fine
+        bce, dice = torch.cat(bce).mean(), torch.cat(dice).mean()
         return bce + dice, dict(bce=bce, dice=dice)

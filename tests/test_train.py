@@ -1,0 +1,252 @@
+"""train.py and eval.py end to end on the CPU: config errors, training steps, exact resume, DDP over gloo, eval
+metrics against mask_metrics by hand, --image/--text, atomic checkpoints, a non-finite loss, and bench.py."""
+import json
+import os
+import socket
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+import data
+import eval as evaluation
+import model
+import qwen_inputs
+import train
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    return data.make_synthetic(str(tmp_path_factory.mktemp("synthetic")), seed=0, num_train=8, num_val=3, num_test=1,
+                               size=112)
+
+
+def tiny_config(model_dir, root, out_dir, **overrides):
+    spec = dict(kind="refer", data_root=root, dataset="synthetic", split_by="unc", image_dir=os.path.join(root, "images"))
+    raw = dict(model=model_dir, dtype="float32", head=dict(base=4, size=16), train_data=[dict(spec, split="train")],
+               val_data=[dict(spec, split="val")], batch_size=2, max_steps=6, lr=3.0e-3, warmup=0.0, num_workers=0,
+               log_every=1, eval_every=0, ckpt_every=2, vis_every=3, vis_samples=1, out_dir=str(out_dir), seed=1)
+    raw.update(overrides)
+    return train.config_from_dict(raw)
+
+
+def head_state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["head"]
+
+
+# --------------------------------------------------------------------------------------------------- config
+
+def test_config_parsing_and_errors(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lr: 1e-4\nbatch_size: 3\nbetas: [0.8, 0.9]\nhead: {base: 8}\n")
+    cfg = train.load_config(str(cfg_file), ["epochs=2", "resume=true", "out_dir=/tmp/x"])
+    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float) and cfg.batch_size == 3 and cfg.betas == (0.8, 0.9)
+    assert cfg.epochs == 2.0 and cfg.resume is True and cfg.head == {"base": 8} and cfg.out_dir == "/tmp/x"
+    with pytest.raises(SystemExit, match=r"unknown config keys \['batchsize'\]"):
+        train.load_config(None, ["batchsize=4"])
+    with pytest.raises(SystemExit, match="batch_size must be int, got 'four'"):
+        train.load_config(None, ["batch_size=four"])
+    with pytest.raises(SystemExit, match="lr must be float"):
+        train.load_config(None, ["lr=fast"])
+    with pytest.raises(SystemExit, match="resume must be bool"):
+        train.load_config(None, ["resume=3"])
+    with pytest.raises(SystemExit, match="not key=value"):
+        train.load_config(None, ["resume"])
+    for name in ("demo", "refcoco", "refcoco_7b"):  # the shipped configs parse
+        assert train.load_config(os.path.join(os.path.dirname(train.__file__), "configs", f"{name}.yaml"))
+
+
+def test_lr_schedule():
+    cfg = train.Config(lr=1.0, warmup=0.1)
+    lrs = [train.lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and max(lrs) == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+def test_training_lowers_the_loss_and_writes_everything(tiny_qwen, synthetic_root, tmp_path):
+    cfg = tiny_config(tiny_qwen[0], synthetic_root, tmp_path, max_steps=12)
+    metrics, head = train.train(cfg, torch.device("cpu"))
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in log] == list(range(1, 13))
+    assert np.mean([r["loss"] for r in log[-3:]]) < np.mean([r["loss"] for r in log[:3]]), log
+    ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 12 and ckpt["config"]["max_steps"] == 12 and ckpt["head_kwargs"]["base"] == 4
+    assert all(torch.equal(v, head.state_dict()[k]) for k, v in ckpt["head"].items())
+    assert set(metrics) == {"synthetic_val"} and 0 <= metrics["synthetic_val"]["cIoU"] <= 100
+    assert json.load(open(tmp_path / "metrics.json")) == metrics
+    assert os.listdir(tmp_path / "vis" / "synthetic_val") and os.listdir(tmp_path / "tb")
+    assert (tmp_path / "config.yaml").exists()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_is_bit_identical(tiny_qwen, synthetic_root, tmp_path, monkeypatch):
+    """8 images, batch 2: 4 steps an epoch. Killed during step 4, resumed from the step-2 checkpoint (mid-epoch),
+    run to step 6 (into epoch 2): the head must equal that of an uninterrupted 6-step run, bit for bit."""
+    full = tiny_config(tiny_qwen[0], synthetic_root, tmp_path / "full", vis_samples=0)
+    train.train(full, torch.device("cpu"))
+
+    cut = tiny_config(tiny_qwen[0], synthetic_root, tmp_path / "cut", vis_samples=0)
+    calls, loss = [0], model.Grounder.loss
+
+    def dying_loss(logits, masks):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise Interrupt
+        return loss(logits, masks)
+    monkeypatch.setattr(model.Grounder, "loss", staticmethod(dying_loss))
+    with pytest.raises(Interrupt):
+        train.train(cut, torch.device("cpu"))
+    monkeypatch.setattr(model.Grounder, "loss", staticmethod(loss))
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"] == 2
+    train.train(train.config_from_dict(dict(vars(cut), resume=True)), torch.device("cpu"))
+    a, b = head_state(tmp_path / "full" / "ckpt.pt"), head_state(tmp_path / "cut" / "ckpt.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "cut" / "log.jsonl")]
+    assert steps == [1, 2, 3, 3, 4, 5, 6]  # step 3 was logged before the kill, then redone
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_qwen, synthetic_root, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_qwen[0], synthetic_root, tmp_path, vis_samples=0)
+    calls, loss = [0], model.Grounder.loss
+
+    def nan_loss(logits, masks):
+        calls[0] += 1
+        out, parts = loss(logits, masks)
+        return (out * float("nan"), parts) if calls[0] == 3 else (out, parts)
+    monkeypatch.setattr(model.Grounder, "loss", staticmethod(nan_loss))
+    with pytest.raises(RuntimeError, match=r"non-finite loss nan at step 2, samples \[\[.*\]\].*ckpt.pt"):
+        train.train(cfg, torch.device("cpu"))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(path, {"step": 1})
+
+    def crash(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train.save_checkpoint(path, {"step": 2})
+    assert torch.load(path, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def _ddp_worker(rank, world, port, cfg_dict, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        metrics, head = train.train(train.config_from_dict(cfg_dict), torch.device("cpu"), rank, world)
+        torch.save(dict(head=head.state_dict(), metrics=metrics), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_keep_heads_identical(tiny_qwen, synthetic_root, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = vars(tiny_config(tiny_qwen[0], synthetic_root, tmp_path / "run", max_steps=4, vis_samples=0))
+    mp.spawn(_ddp_worker, args=(2, port, cfg, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(r0["head"][k], r1["head"][k]) for k in r0["head"])
+    torch.manual_seed(1)  # the seed the run initialised its head with
+    init = model.MaskHead(**torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["head_kwargs"]).state_dict()
+    assert any(not torch.equal(init[k], r0["head"][k]) for k in init)  # it trained
+    assert r0["metrics"] == r1["metrics"]  # eval results were gathered from both ranks
+    n_val = sum(len(r["sentences"]) for r in data.load_refer(synthetic_root, "synthetic", "unc", "val"))
+    assert r0["metrics"]["synthetic_val"]["n"] == n_val  # each sentence scored once, none twice
+
+
+# ----------------------------------------------------------------------------------------------------- eval
+
+@pytest.fixture(scope="module")
+def trained(tiny_qwen, synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    train.train(tiny_config(tiny_qwen[0], synthetic_root, out, vis_samples=0, max_steps=4), torch.device("cpu"))
+    return str(out / "ckpt.pt")
+
+
+def run_eval(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["eval.py", *args])
+    evaluation.main()
+
+
+def test_eval_equals_mask_metrics_by_hand(trained, tmp_path, monkeypatch):
+    out = tmp_path / "metrics.json"
+    run_eval(monkeypatch, "--ckpt", trained, "--out", str(out), "--batch_size", "3", "--vis", "1")
+    result = json.load(open(out))["results"]["synthetic_val"]
+    grounder, tokenizer, cfg = evaluation.load_run(trained, torch.device("cpu"))
+    dataset = train.build_data(cfg, tokenizer, cfg.val_data[0], train=False)
+    preds, gts = [], []
+    for i in range(len(dataset)):  # one sample at a time, against the batched run above
+        sample = dataset[i]
+        with torch.no_grad():
+            (logits,) = grounder(qwen_inputs.collate([sample]))
+        h, w = sample["gt_masks"].shape[-2:]
+        up = torch.nn.functional.interpolate(logits[None, None], size=(h, w), mode="bilinear", align_corners=False)
+        preds.append(up[0, 0].numpy() > 0)
+        gts.append(sample["gt_masks"][0].numpy())
+    by_hand = evaluation.mask_metrics(preds, gts)
+    assert by_hand["n"] == result["n"] == len(dataset)
+    for k, v in by_hand.items():
+        assert result[k] == pytest.approx(v, abs=1e-9), k
+    assert os.listdir(os.path.join(os.path.dirname(trained), "vis", "synthetic_val"))
+
+
+def test_mask_metrics_definitions():
+    a = np.zeros((4, 4), bool)
+    a[:2] = True  # 8 pixels
+    b = np.zeros((4, 4), bool)
+    b[1:3] = True  # 8 pixels, 4 shared
+    empty = np.zeros((4, 4), bool)
+    m = evaluation.mask_metrics([a, b, empty], [b, b, empty])
+    assert m["cIoU"] == pytest.approx(100 * (4 + 8 + 0) / (12 + 8 + 0))
+    assert m["mIoU"] == pytest.approx(100 * (4 / 12 + 1 + 1) / 3)  # empty on empty counts as IoU 1
+    assert m["P@0.5"] == pytest.approx(200 / 3) and m["P@0.9"] == pytest.approx(200 / 3) and m["n"] == 3
+    assert evaluation.average_recall([1.0, 1.0]) == pytest.approx(100, abs=1e-3)
+    # the benchmark's left Riemann sum over t = 0, 1e-5, ...: IoU 0.5 is recalled for 50,001 thresholds
+    assert evaluation.average_recall([0.5]) == pytest.approx(50.001, abs=1e-6)
+    assert evaluation.average_recall([0.0, 1.0]) == pytest.approx(50, abs=1e-3)
+
+
+def test_predict_one_image_writes_png(trained, tmp_path, monkeypatch):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees when shown
+    path = tmp_path / "photo.jpg"
+    image.save(path, exif=exif)
+    run_eval(monkeypatch, "--ckpt", trained, "--image", str(path), "--text", "the red circle")
+    out = os.path.join(os.path.dirname(trained), "photo_pred.png")
+    assert Image.open(out).size == (60, 90)  # EXIF applied: the portrait the viewer shows
+    with pytest.raises(SystemExit, match="needs --text"):
+        run_eval(monkeypatch, "--ckpt", trained, "--image", str(path))
+
+
+# ---------------------------------------------------------------------------------------------------- bench
+
+def test_bench_runs(tmp_path, monkeypatch):
+    import bench
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--quick", "--image_size", "112x84", "--workers", "0",
+                                      "--out", str(out)])
+    bench.main()
+    res = json.load(open(out))
+    for key in ("patchify_speedup_vs_hf", "capture_time_vs_floor", "capture_speedup_vs_flmm",
+                "train_step_time_vs_floor", "train_samples_per_s", "loader_samples_per_s"):
+        assert 0 < res[key] < float("inf"), key
+    assert res["capture_memory_vs_flmm"] >= 0  # 112x84 inputs can stay under what RSS resolves on the CPU
+    assert set(res["forward_batch1"]) >= {"floor", "ours", "ours_no_capture", "flmm", "seq_len", "image_tokens"}
