@@ -226,11 +226,16 @@ def main():
         raise SystemExit(f"--split {args.split}: none of the run's splits {known}")
     results = {}
     constant = os.path.join(out_dir, "constant_phrase", "ckpt.pt")  # written by train.py baselines=true
-    ablation = load_run(constant, device)[0] if args.baselines and os.path.isfile(constant) else None
+    ablation = None
+    if args.baselines and os.path.isfile(constant):  # its own config: every expression becomes its constant phrase
+        ablation, ablation_tokenizer, ablation_cfg = load_run(constant, device)
+        ablation_cfg.protocol, ablation_cfg.batch_size = cfg.protocol, cfg.batch_size
+        ablation_loaders = train.build_val_loaders(ablation_cfg, ablation_tokenizer, specs)
     for name, (loader, spec) in train.build_val_loaders(cfg, tokenizer, specs).items():
         results[name] = evaluate(grounder, loader, device, spec["kind"], autocast)
         if ablation is not None:
-            results[f"{name} (constant phrase)"] = evaluate(ablation, loader, device, spec["kind"], autocast)
+            results[f"{name} (constant phrase)"] = evaluate(ablation, ablation_loaders[name][0], device, spec["kind"],
+                                                            autocast)
         if args.baselines and spec["kind"] == "refer" and rank == 0:
             results[f"{name} (random object)"] = random_object_metrics(spec, cfg.protocol, cfg.seed)
         if args.vis and rank == 0:

@@ -1,8 +1,8 @@
 """The frozen Qwen2.5-VL, phrase->image attention capture, and the mask head trained on it (F-LMM, CVPR 2025).
 
-phrase_attention runs one forward of the frozen VLM (SDPA or flash attention: never an S x S map) and returns,
-per phrase, the softmax attention from its tokens to the image tokens in every layer and head. MaskHead is
-F-LMM's U-Net on that stack of maps; Grounder composes the two and holds the loss.
+phrase_attention runs one forward of the frozen VLM on PyTorch SDPA (flash / cuDNN / memory-efficient kernels on
+CUDA; never an S x S map) and returns, per phrase, the softmax attention from its tokens to the image tokens in
+every layer and head. MaskHead is F-LMM's U-Net on that stack of maps; Grounder composes the two and holds the loss.
 """
 import json
 import math
@@ -30,8 +30,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_value
 
 
 def load_qwen(name_or_path, dtype=torch.bfloat16, device="cuda"):
-    """A frozen Qwen2_5_VLForConditionalGeneration (eval, no grad, SDPA) and its tokenizer, from a local
-    directory or a Hub id. Never trust_remote_code: everything used is in transformers itself."""
+    """A frozen Qwen2_5_VLForConditionalGeneration (eval, no grad, `use_fast_attention`) and its tokenizer, from a
+    local directory or a Hub id. Never trust_remote_code: everything used is in transformers itself."""
     qwen = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
     use_fast_attention(qwen)
     qwen.requires_grad_(False).eval().to(device)

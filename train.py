@@ -194,14 +194,15 @@ def save_checkpoint(path, state):
             os.remove(tmp)
 
 
-def train(cfg, device, rank=0, world=1):
+def train(cfg, device, rank=0, world=1, show_config=True):
     """One training run of cfg (model, data, loop, final eval) -> (final val metrics {split: {metric: value}}, the
     trained MaskHead). Call inside an initialised process group when world > 1 (main does)."""
     ddp, master = world > 1, rank == 0
     os.makedirs(cfg.out_dir, exist_ok=True)
     resolved = dataclasses.asdict(cfg)
     if master:
-        print(yaml.safe_dump(resolved, sort_keys=False), end="")
+        if show_config:
+            print(yaml.safe_dump(resolved, sort_keys=False), end="")
         with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(resolved, f, sort_keys=False)
 
@@ -352,8 +353,9 @@ def main(cfg):
         if cfg.baselines:  # what the head would score without language, and a random object of the image
             ablation = dataclasses.replace(cfg, constant_phrase=cfg.baseline_phrase, baselines=False, resume=False,
                                            vis_samples=0, out_dir=os.path.join(cfg.out_dir, "constant_phrase"))
-            print0(f"\nbaseline: the same head trained with every expression replaced by {cfg.baseline_phrase!r}")
-            constant, _ = train(ablation, device, rank, world)
+            print0(f"\nbaseline: the same head trained with every expression replaced by {cfg.baseline_phrase!r} "
+                   f"(out_dir={ablation.out_dir}, otherwise the config above)")
+            constant, _ = train(ablation, device, rank, world, show_config=False)
             if rank == 0:
                 table = {}
                 for spec in cfg.val_data:

@@ -207,6 +207,20 @@ def test_eval_equals_mask_metrics_by_hand(trained, tmp_path, monkeypatch):
     assert os.listdir(os.path.join(os.path.dirname(trained), "vis", "synthetic_val"))
 
 
+def test_baselines_are_trained_scored_and_reproduced(tiny_qwen, synthetic_root, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_qwen[0], synthetic_root, tmp_path, max_steps=2, vis_samples=0, baselines=True)
+    train.main(cfg)
+    table = json.load(open(tmp_path / "baselines.json"))
+    assert set(table) == {f"synthetic_val ({k})" for k in ("ours", "constant phrase", "random object")}
+    ablation = torch.load(tmp_path / "constant_phrase" / "ckpt.pt", weights_only=True)
+    assert ablation["config"]["constant_phrase"] == "the object" and ablation["step"] == 2
+    run_eval(monkeypatch, "--ckpt", str(tmp_path / "ckpt.pt"), "--baselines", "--out", str(tmp_path / "m.json"))
+    results = json.load(open(tmp_path / "m.json"))["results"]
+    assert results["synthetic_val"] == table["synthetic_val (ours)"]
+    for k in ("constant phrase", "random object"):
+        assert results[f"synthetic_val ({k})"] == table[f"synthetic_val ({k})"], k
+
+
 def test_mask_metrics_definitions():
     a = np.zeros((4, 4), bool)
     a[:2] = True  # 8 pixels
