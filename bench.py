@@ -21,6 +21,7 @@ from PIL import Image
 import data
 import model
 import qwen_inputs
+import synthetic
 
 PHRASES = ["the man in the red shirt", "a white dog on the left", "the bicycle near the wall"]
 TEXTS = ["You are a helpful assistant.", qwen_inputs.DEFAULT_PROMPT, *PHRASES] * 20
@@ -247,7 +248,7 @@ def main():
     # enough images for several batches per worker; the first epoch starts the (persistent) workers, the second
     # is timed, as in training where workers live for the whole run
     n_images = 16 if args.quick else max(128, 4 * best * max(1, args.workers))
-    root = data.make_synthetic(os.path.join(workdir, "synthetic"), seed=0, num_train=n_images, num_val=0,
+    root = synthetic.make_synthetic(os.path.join(workdir, "synthetic"), seed=0, num_train=n_images, num_val=0,
                                num_test=0, size=size)
     dataset = data.build_dataset(dict(kind="refer", data_root=root, dataset="synthetic", split_by="unc", split="train",
                                       image_dir=os.path.join(root, "images")), tokenizer, train=True)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 import data
 import eval as evaluation
 import model
+import synthetic
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Config:
     head: dict = field(default_factory=dict)  # MaskHead kwargs beyond the channels (base, size)
     vision_features: bool = False  # also feed the frozen vision tower's patch features to the head's decoder
     # data
-    synthetic: dict = field(default_factory=dict)  # data.make_synthetic kwargs; written once, then reused
+    synthetic: dict = field(default_factory=dict)  # synthetic.make_synthetic kwargs; written once, then reused
     train_data: list = field(default_factory=list)  # data.build_dataset specs, mixed by concatenation
     val_data: list = field(default_factory=list)  # specs scored by the periodic eval and at the end
     test_data: list = field(default_factory=list)  # specs eval.py scores (default: val_data)
@@ -132,7 +133,7 @@ def build_qwen(cfg, device):
         tag = hashlib.sha1(json.dumps(cfg.tiny_model, sort_keys=True).encode()).hexdigest()[:8]
         path = os.path.join(cfg.synthetic.get("root", "data/synthetic"), f"tiny_qwen-{tag}")
         if not os.path.exists(os.path.join(path, "config.json")) and int(os.environ.get("RANK", 0)) == 0:
-            model.build_tiny_qwen(path, data.synthetic_texts(), **cfg.tiny_model)
+            model.build_tiny_qwen(path, synthetic.synthetic_texts(), **cfg.tiny_model)
         if dist.is_initialized():
             dist.barrier()
     return model.load_qwen(path, dtype=dtype, device=device)
@@ -345,7 +346,7 @@ def main(cfg):
         torch.set_num_threads(cfg.threads)
     if cfg.synthetic:
         if rank == 0:
-            data.make_synthetic(**cfg.synthetic)
+            synthetic.make_synthetic(**cfg.synthetic)
         if ddp:
             dist.barrier()
     try:

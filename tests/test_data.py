@@ -11,6 +11,7 @@ from PIL import Image
 
 import data
 import qwen_inputs
+import synthetic
 
 # pycocotools' decode under numpy 2 warns on every call; nothing here can change it
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -277,7 +278,7 @@ def test_training_sample_is_a_function_of_seed_epoch_index(refer_root, tokenizer
 
 
 def test_loader_with_workers(tmp_path, tokenizer):
-    root = data.make_synthetic(str(tmp_path / "syn"), num_train=12, num_val=2, num_test=1)
+    root = synthetic.make_synthetic(str(tmp_path / "syn"), num_train=12, num_val=2, num_test=1)
     train_spec = dict(kind="refer", data_root=root, dataset="synthetic", split_by="unc", split="train",
                       image_dir=os.path.join(root, "images"))
     single = data.build_dataset(train_spec, tokenizer, train=True, seed=1)
@@ -352,13 +353,13 @@ def test_bad_input_skipped_and_counted(tmp_path, tokenizer):
 
 def test_synthetic(tmp_path):
     kw = dict(seed=7, num_train=20, num_val=4, num_test=3)
-    a, b = data.make_synthetic(str(tmp_path / "a"), **kw), data.make_synthetic(str(tmp_path / "b"), **kw)
+    a, b = synthetic.make_synthetic(str(tmp_path / "a"), **kw), synthetic.make_synthetic(str(tmp_path / "b"), **kw)
     for name in ["synthetic/refs(unc).p", "synthetic/instances.json"] + [f"images/{f}" for f in os.listdir(f"{a}/images")]:
         assert open(os.path.join(a, name), "rb").read() == open(os.path.join(b, name), "rb").read(), name
-    other = data.make_synthetic(str(tmp_path / "c"), **dict(kw, seed=8))
+    other = synthetic.make_synthetic(str(tmp_path / "c"), **dict(kw, seed=8))
     assert open(f"{a}/synthetic/instances.json").read() != open(f"{other}/synthetic/instances.json").read()
     stamp = os.path.getmtime(f"{a}/synthetic/refs(unc).p")
-    assert data.make_synthetic(a, **kw) == a and os.path.getmtime(f"{a}/synthetic/refs(unc).p") == stamp  # cached
+    assert synthetic.make_synthetic(a, **kw) == a and os.path.getmtime(f"{a}/synthetic/refs(unc).p") == stamp  # cached
     assert not [f for f in os.listdir(a) if f.startswith(".tmp")]
 
     instances = json.load(open(f"{a}/synthetic/instances.json"))
@@ -372,12 +373,12 @@ def test_synthetic(tmp_path):
         for r in recs:
             objects = [ann["attributes"] for ann in scene[r["image_id"]]]
             for sent in r["sentences"]:
-                assert data.synthetic_matches(sent, objects) == 1, (sent, objects)
-                assert all(w in data.WORD_ATTRIBUTE or w in ("the", "on", "in", "at") for w in sent.split())
+                assert synthetic.synthetic_matches(sent, objects) == 1, (sent, objects)
+                assert all(w in synthetic.WORD_ATTRIBUTE or w in ("the", "on", "in", "at") for w in sent.split())
                 n_sent += 1
             pixels = np.asarray(Image.open(f"{a}/images/{r['file_name']}"))
             mask = data.decode_mask(r["segmentation"], r["height"], r["width"])
             assert mask.shape == pixels.shape[:2] == (224, 224) and mask.sum() > 50
             colour = next(x["attributes"]["colour"] for x in scene[r["image_id"]] if x["id"] == r["ann_id"])
-            assert (pixels[mask] == data.COLOURS[colour]).all()  # the mask is the visible part: the object's colour everywhere
-    assert n_sent > 60 and set(data.synthetic_texts()) >= {"the red circle", "big blue star in the top left"}
+            assert (pixels[mask] == synthetic.COLOURS[colour]).all()  # the mask is the visible part: the object's colour everywhere
+    assert n_sent > 60 and set(synthetic.synthetic_texts()) >= {"the red circle", "big blue star in the top left"}

@@ -15,6 +15,7 @@ import data
 import eval as evaluation
 import model
 import qwen_inputs
+import synthetic
 import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't
 
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
-    return data.make_synthetic(str(tmp_path_factory.mktemp("synthetic")), seed=0, num_train=8, num_val=3, num_test=1,
+    return synthetic.make_synthetic(str(tmp_path_factory.mktemp("synthetic")), seed=0, num_train=8, num_val=3, num_test=1,
                                size=112)
 
 

@@ -1,0 +1,164 @@
+"""A synthetic referring dataset in the refer layout, so the demo and the tests run the real data path with nothing
+downloaded: scenes of 3-5 coloured shapes, every expression naming exactly one object while its distractors share
+its other attributes (only the language decides), exact masks, train/val/testA/testB, deterministic from a seed.
+
+    make_synthetic(root) -> root/synthetic/{refs(unc).p, instances.json, meta.json}, root/images/*.png
+    data.load_refer(root, "synthetic", "unc", "val") reads it like RefCOCO.
+"""
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from itertools import combinations, product
+
+import numpy as np
+import pycocotools.mask as mask_utils
+from PIL import Image
+
+from data import decode_mask
+
+SHAPES = ("circle", "square", "triangle", "star", "hexagon")
+COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 90, 220), "yellow": (230, 190, 20),
+           "purple": (140, 60, 170)}
+SIZES = ("small", "big")
+WORD_ATTRIBUTE = {**{w: "shape" for w in SHAPES}, **{w: "colour" for w in COLOURS}, **{w: "size" for w in SIZES},
+                  "left": "h", "right": "h", "top": "v", "bottom": "v"}
+SYNTHETIC_SPLITS = {"train": (3, 5), "val": (3, 5), "testA": (3, 3), "testB": (5, 5)}  # objects per scene
+SYNTHETIC_VERSION = 1  # bump when the generator changes: cached datasets are then rebuilt
+
+
+def describe(obj, attrs):
+    """An object's phrase naming the attributes `attrs` (the shape is always named): 'big red circle on the left'."""
+    words = [obj[a] for a in ("size", "colour") if a in attrs and obj[a]] + [obj["shape"]]
+    h, v = (obj[a] if a in attrs else None for a in ("h", "v"))
+    where = f"in the {v} {h}" if h and v else f"on the {h}" if h else f"at the {v}" if v else ""
+    return " ".join(words + [where] if where else words)
+
+
+def synthetic_matches(sentence, objects):
+    """How many scene objects (attribute dicts) have every attribute the sentence names: 1 when unambiguous."""
+    named = {WORD_ATTRIBUTE[w]: w for w in sentence.split() if w in WORD_ATTRIBUTE}
+    return sum(all(o[a] == w for a, w in named.items()) for o in objects)
+
+
+def synthetic_texts():
+    """Every phrase the synthetic data can contain (for training a tiny tokenizer)."""
+    return [the + describe(dict(shape=s, colour=c, size=z, h=h, v=v), ("colour", "size", "h", "v"))
+            for s, c, z, h, v in product(SHAPES, (None, *COLOURS), (None, *SIZES), (None, "left", "right"),
+                                         (None, "top", "bottom")) for the in ("", "the ")]
+
+
+def _polygon(shape, cx, cy, r):
+    """COCO polygon [x0, y0, x1, y1, ...] of a shape of radius r, pointing up."""
+    n, outer, inner = {"circle": (32, 1.0, 1.0), "square": (4, 1.0, 1.0), "triangle": (3, 1.15, 1.15),
+                       "star": (10, 1.1, 0.5), "hexagon": (6, 1.0, 1.0)}[shape]  # star: alternating radii
+    t = (np.pi / 4 if shape == "square" else -np.pi / 2) + 2 * np.pi * np.arange(n) / n
+    rr = r * np.where(np.arange(n) % 2, inner, outer)
+    return np.round(np.stack([cx + rr * np.cos(t), cy + rr * np.sin(t)], 1).reshape(-1), 2).tolist()
+
+
+def _scene(rng, n, width, height):
+    """n objects in distinct cells of a 3x3 grid, each referred object >= 75% visible; later objects are on top.
+    Most objects share the shape or the colour of an earlier one, so a description needs several attributes."""
+    while True:
+        objs = []
+        for cell in rng.choice(9, n, replace=False):
+            shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+            if objs and rng.random() < 0.8:
+                other = objs[rng.integers(len(objs))]
+                shape, colour = (other["shape"], colour) if rng.random() < 0.5 else (shape, other["colour"])
+            big = rng.random() < 0.5
+            row, col = divmod(int(cell), 3)
+            wh = np.array([width, height])
+            cx, cy = (wh * (0.2 + 0.3 * np.array([col, row])) + rng.uniform(-6, 6, 2) * wh / 224).tolist()
+            r = min(width, height) * (rng.uniform(0.12, 0.14) if big else rng.uniform(0.065, 0.085))
+            objs.append(dict(shape=str(shape), colour=str(colour), size=SIZES[big], h={0: "left", 2: "right"}.get(col),
+                             v={0: "top", 2: "bottom"}.get(row), polygon=_polygon(shape, cx, cy, r)))
+        full = np.stack([decode_mask([o["polygon"]], height, width) for o in objs])
+        above = np.flip(np.logical_or.accumulate(np.flip(full, 0), 0), 0)  # above[i] = union of full[i:]
+        visible = full & ~np.concatenate([above[1:], np.zeros_like(full[:1])])
+        if (visible.sum((1, 2)) >= 0.75 * full.sum((1, 2))).all():
+            return objs, full, visible
+
+
+def _expressions(rng, obj, scene):
+    """2-3 phrasings of the shortest description naming `obj` alone in `scene` (attribute dicts); [] if none does."""
+    options = [k for k in ("colour", "size", "h", "v") if obj[k]]
+    for n in range(len(options) + 1):  # shortest first, in a random order within a length
+        combos = list(combinations(options, n))
+        unique = [combos[i] for i in rng.permutation(len(combos))
+                  if synthetic_matches(describe(obj, combos[i]), scene) == 1]
+        if unique:
+            d, extra = describe(obj, unique[0]), [k for k in options if k not in unique[0]]
+            longer = ["the " + describe(obj, unique[0] + (extra[int(rng.integers(len(extra)))],))] if extra else []
+            return [d, "the " + d] + longer  # the longer one is still true, so still unique
+    return []  # an identical twin in the scene
+
+
+def _write_synthetic(out, seed, counts, width, height):
+    os.makedirs(os.path.join(out, "synthetic"))
+    os.makedirs(os.path.join(out, "images"))
+    refs, images, anns, n_sent = [], [], [], 0
+    for s, (split, (lo, hi)) in enumerate(SYNTHETIC_SPLITS.items()):
+        rng = np.random.default_rng([seed, s])  # one stream per split: val does not change with num_train
+        for _ in range(counts[split]):
+            objs, full, visible = _scene(rng, int(rng.integers(lo, hi + 1)), width, height)
+            image_id = len(images) + 1
+            file_name = f"synthetic_{image_id:012d}.png"
+            pixels = np.full((height, width, 3), 235, np.uint8)
+            for o, m in zip(objs, full):  # painted from the decoded masks: image and masks agree to the pixel
+                pixels[m] = COLOURS[o["colour"]]
+            Image.fromarray(pixels).save(os.path.join(out, "images", file_name))
+            images.append(dict(id=image_id, file_name=file_name, height=height, width=width))
+            scene = [{k: o[k] for k in ("shape", "colour", "size", "h", "v")} for o in objs]
+            for o, a, f, m in zip(objs, scene, full, visible):
+                ann_id, rle = len(anns) + 1, mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+                # the polygon when nothing covers the object, else the visible part as an RLE
+                seg = [o["polygon"]] if (f == m).all() else dict(size=[height, width], counts=rle["counts"].decode())
+                anns.append(dict(id=ann_id, image_id=image_id, category_id=SHAPES.index(o["shape"]) + 1, iscrowd=0,
+                                 segmentation=seg, area=int(mask_utils.area(rle)),
+                                 bbox=mask_utils.toBbox(rle).tolist(), attributes=a))
+                sents = [dict(sent=t, raw=t, tokens=t.split(), sent_id=n_sent + i)
+                         for i, t in enumerate(_expressions(rng, a, scene))]
+                n_sent += len(sents)
+                if sents:
+                    refs.append(dict(ref_id=len(refs), ann_id=ann_id, image_id=image_id, split=split,
+                                     category_id=SHAPES.index(o["shape"]) + 1, sentences=sents,
+                                     sent_ids=[x["sent_id"] for x in sents],
+                                     file_name=f"synthetic_{image_id:012d}_{ann_id}.png"))  # like refer's: no file
+    with open(os.path.join(out, "synthetic", "refs(unc).p"), "wb") as f:
+        pickle.dump(refs, f)
+    with open(os.path.join(out, "synthetic", "instances.json"), "w") as f:
+        json.dump(dict(images=images, annotations=anns,
+                       categories=[dict(id=i + 1, name=s) for i, s in enumerate(SHAPES)]), f)
+
+
+def make_synthetic(root, seed=0, num_train=400, num_val=50, num_test=50, size=224):
+    """Write (once) a synthetic RefCOCO in the refer layout: root/synthetic/{refs(unc).p, instances.json,
+    meta.json}, root/images/*.png; splits train/val/testA (3 objects)/testB (5 objects), num_test scenes each;
+    size is the side of square images or (width, height).
+    Deterministic from the arguments; a finished dataset with the same meta.json is kept. Call it on one rank."""
+    counts = dict(train=num_train, val=num_val, testA=num_test, testB=num_test)
+    meta = dict(version=SYNTHETIC_VERSION, seed=seed, size=size if isinstance(size, int) else list(size), **counts)
+    meta_path = os.path.join(root, "synthetic", "meta.json")
+    if os.path.isfile(meta_path) and os.path.isdir(os.path.join(root, "images")) and _load_meta(meta_path) == meta:
+        return root
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-synthetic-")
+    width, height = (size, size) if isinstance(size, int) else size
+    _write_synthetic(tmp, seed, counts, width, height)
+    with open(os.path.join(tmp, "synthetic", "meta.json"), "w") as f:
+        json.dump(meta, f)
+    for name in ("synthetic", "images"):  # a stale dataset goes, its meta.json first
+        if os.path.exists(os.path.join(root, name)):
+            shutil.rmtree(os.path.join(root, name))
+    for name in ("images", "synthetic"):  # meta.json arrives last: a run killed in between redoes everything
+        os.rename(os.path.join(tmp, name), os.path.join(root, name))
+    os.rmdir(tmp)
+    return root
+
+
+def _load_meta(path):
+    with open(path) as f:
+        return json.load(f)
