@@ -31,15 +31,17 @@ ARCH = {"3b": dict(hidden=2048, inter=11008, layers=36, heads=16, kv_heads=2, vo
 
 
 def build(name, device, workdir):
-    """(qwen, tokenizer) with random weights. The tokenizer is the tiny BPE one; ids are re-pointed to it."""
+    """(qwen, tokenizer): a local checkpoint as it is, else random weights. For 3b/7b the tokenizer is the tiny BPE
+    one and the config's special-token ids point into it."""
+    if os.path.isdir(name):
+        return model.load_qwen(name, dtype=dtype_for(device), device=device)
     tiny_dir = os.path.join(workdir, "tiny")
     kw = dict(hidden=256, layers=6, heads=8, kv_heads=2, vision_hidden=128, vision_depth=4) if name == "tiny" else {}
     model.build_tiny_qwen(tiny_dir, TEXTS, seed=0, **kw)
-    if name in ("tiny",) or os.path.isdir(name):
-        return model.load_qwen(tiny_dir if name == "tiny" else name, dtype=dtype_for(device), device=device)
+    if name == "tiny":
+        return model.load_qwen(tiny_dir, dtype=dtype_for(device), device=device)
     from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-    a, tiny_cfg = ARCH[name], AutoConfig.from_pretrained(tiny_dir)
-    cfg = AutoConfig.from_pretrained(tiny_dir)
+    a, cfg = ARCH[name], AutoConfig.from_pretrained(tiny_dir)
     cfg.text_config.update(dict(hidden_size=a["hidden"], intermediate_size=a["inter"], num_hidden_layers=a["layers"],
                                 num_attention_heads=a["heads"], num_key_value_heads=a["kv_heads"], vocab_size=a["vocab"],
                                 max_position_embeddings=128000))
@@ -48,8 +50,6 @@ def build(name, device, workdir):
     cfg.vision_config.update(dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                                   out_hidden_size=a["hidden"], fullatt_block_indexes=[7, 15, 23, 31]))
     cfg.tie_word_embeddings = a["tied"]
-    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-        setattr(cfg, key, getattr(tiny_cfg, key))
     torch.manual_seed(0)
     with device:  # random init directly on the device: minutes faster than on the CPU for 3B/7B
         qwen = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype_for(device), attn_implementation="sdpa")

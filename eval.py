@@ -56,12 +56,17 @@ def average_recall(ious):
 
 
 @torch.no_grad()
-def predict(grounder, batch, device):
-    """Batch -> one bool mask per phrase at its image's original size (batch order, then phrase order)."""
+def predict(grounder, batch, sizes):
+    """Batch -> one bool mask per phrase (batch order, then phrase order), upsampled to its image's original size;
+    sizes: one (H, W) per sample."""
     logits = grounder(batch)
-    sizes = [tuple(m.shape[-2:]) for m in batch["gt_masks"] for _ in range(len(m))]
+    per_phrase = [hw for hw, k in zip(sizes, qwen_inputs.phrase_counts(batch), strict=True) for _ in range(k)]
     return [F.interpolate(x[None, None].float(), size=hw, mode="bilinear", align_corners=False)[0, 0] > 0
-            for x, hw in zip(logits, sizes, strict=True)]
+            for x, hw in zip(logits, per_phrase, strict=True)]
+
+
+def gt_sizes(batch):
+    return [tuple(m.shape[-2:]) for m in batch["gt_masks"]]
 
 
 @torch.no_grad()
@@ -77,12 +82,14 @@ def evaluate(grounder, loader, device, kind="refer", autocast=contextlib.nullcon
         if "input_ids" not in batch:  # every sample of the batch was unreadable (skip_bad)
             continue
         with autocast:
-            preds = predict(grounder, batch, device)
-        gts = [g for m in batch["gt_masks"] for g in m]
+            preds = predict(grounder, batch, gt_sizes(batch))
+        gts = [g.to(p.device, non_blocking=True) for g, p in zip((g for m in batch["gt_masks"] for g in m), preds)]
+        # I, U and predicted pixels on the device, one host transfer per batch
+        stats = torch.stack([torch.stack([(p & g).sum(), (p | g).sum(), p.sum()]) for p, g in zip(preds, gts,
+                                                                                              strict=True)]).tolist()
         flags = {key: [f for fl in batch[key] for f in fl] for key in ("no_target", "isthing", "plural", "supervised")}
-        for j, (p, g) in enumerate(zip(preds, gts, strict=True)):
-            inter, union = iou_stats(p.cpu().numpy(), g.numpy())
-            rows.append((inter, union, {k: bool(v[j]) for k, v in flags.items()}, int(p.sum())))
+        for j, (inter, union, area) in enumerate(stats):
+            rows.append((inter, union, {k: bool(v[j]) for k, v in flags.items()}, area))
     if dist.is_initialized():  # the per-phrase I, U of every rank: sums (cIoU) and per-phrase IoUs (mIoU, P@t, AR)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, rows)
@@ -178,13 +185,12 @@ def load_run(ckpt_path, device):
     return model.Grounder(qwen, head).eval(), tokenizer, cfg
 
 
-def predict_image(grounder, tokenizer, cfg, path, text, out_path, device):
+def predict_image(grounder, tokenizer, cfg, path, text, out_path):
     """One picture (EXIF orientation applied, as a viewer shows it) and one expression -> overlay PNG."""
     image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     pixel_values, grid = qwen_inputs.patchify(image, cfg.min_pixels, cfg.max_pixels)
-    sample = dict(qwen_inputs.build_inputs(tokenizer, grid, [text]), pixel_values=pixel_values, image_grid_thw=grid,
-                  gt_masks=torch.zeros(1, image.height, image.width, dtype=torch.bool))  # only its size is used
-    (mask,) = predict(grounder, qwen_inputs.collate([sample]), device)
+    sample = dict(qwen_inputs.build_inputs(tokenizer, grid, [text]), pixel_values=pixel_values, image_grid_thw=grid)
+    (mask,) = predict(grounder, qwen_inputs.collate([sample]), [(image.height, image.width)])
     Image.fromarray(overlay(np.asarray(image), mask.cpu().numpy(), None, text)).save(out_path)
     return mask
 
@@ -213,7 +219,7 @@ def main():
         if not args.text:
             raise SystemExit("--image needs --text: the expression to ground")
         out_path = os.path.join(out_dir, os.path.splitext(os.path.basename(args.image))[0] + "_pred.png")
-        mask = predict_image(grounder, tokenizer, cfg, args.image, args.text or "", out_path, device)
+        mask = predict_image(grounder, tokenizer, cfg, args.image, args.text, out_path)
         print(f"{args.image}: {int(mask.sum())} pixels for {args.text!r} -> {out_path}")
         return
     import train
@@ -240,7 +246,7 @@ def main():
             results[f"{name} (random object)"] = random_object_metrics(spec, cfg.protocol, cfg.seed)
         if args.vis and rank == 0:
             folder = os.path.join(out_dir, "vis", name)
-            write_overlays(grounder, loader.dataset, args.vis, folder, device, autocast)
+            write_overlays(grounder, loader.dataset, args.vis, folder, autocast)
             print(f"overlays: {folder}")
     if rank == 0:
         print(f"{args.ckpt} | protocol {cfg.protocol}")
@@ -252,7 +258,7 @@ def main():
         dist.destroy_process_group()
 
 
-def write_overlays(grounder, dataset, n, folder, device, autocast=contextlib.nullcontext()):
+def write_overlays(grounder, dataset, n, folder, autocast=contextlib.nullcontext()):
     """The first n samples of a dataset: one PNG per phrase with the expression, prediction and truth."""
     os.makedirs(folder, exist_ok=True)
     for i in range(min(n, len(dataset))):
@@ -261,7 +267,7 @@ def write_overlays(grounder, dataset, n, folder, device, autocast=contextlib.nul
             continue
         batch = qwen_inputs.collate([sample])
         with autocast:
-            preds = predict(grounder, batch, device)
+            preds = predict(grounder, batch, gt_sizes(batch))
         with Image.open(os.path.join(dataset.image_dir, sample["file_name"])) as f:
             image = np.asarray(f.convert("RGB"))
         for k, (p, g, phrase) in enumerate(zip(preds, sample["gt_masks"], sample["phrases"])):

@@ -201,29 +201,33 @@ def phrase_attention(qwen, batch, *, vision=False):
                          f"call model.use_fast_attention(qwen) (load_qwen does) so that it is {CAPTURE_ATTENTION!r}")
     qwen_inputs.check_inputs(batch, qwen.config.image_token_id)
     device = qwen.device
-    mask_ids = batch["mask_ids"].to(device)
+    # All index bookkeeping happens on the CPU copies the DataLoader made: on the GPU every .max()/.any() below
+    # would be a host sync inside the training step. Only the small index tensors travel.
+    mask_ids = batch["mask_ids"].cpu()
     no_phrase = ~(mask_ids >= 0).any(1)
     if no_phrase.any():
         raise ValueError(f"phrase_attention: samples {no_phrase.nonzero().flatten().tolist()} have no phrase tokens")
     # causal: nothing after the batch's last phrase token changes any phrase row, so it is not fed
     S = int((mask_ids >= 0).nonzero()[:, 1].max()) + 1
-    inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
-    for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
-        inputs[k] = inputs[k][:, :S]
     mask_ids = mask_ids[:, :S]
+    attention_mask, mm_token_type_ids = batch["attention_mask"].cpu()[:, :S], batch["mm_token_type_ids"].cpu()[:, :S]
 
     rows, row_valid = _first_positions(mask_ids >= 0)  # (B, R) positions of phrase tokens
     row_phrase = mask_ids.gather(1, rows).masked_fill(~row_valid, -1)  # (B, R) phrase index of each row
     num_phrases = mask_ids.max(1).values + 1  # (B,)
-    onehot = (row_phrase[:, None, :] == torch.arange(int(num_phrases.max()), device=device)[:, None]).float()
+    onehot = (row_phrase[:, None, :] == torch.arange(int(num_phrases.max()))[:, None]).float()
     tokens = onehot.sum(-1)  # (B, P) tokens per phrase
-    empty = (tokens == 0) & (torch.arange(tokens.shape[1], device=device) < num_phrases[:, None])
+    empty = (tokens == 0) & (torch.arange(tokens.shape[1]) < num_phrases[:, None])
     if empty.any():
         raise ValueError(f"phrase_attention: (sample, phrase) {empty.nonzero().tolist()} have no tokens in mask_ids")
     avg = onehot / tokens.clamp(min=1)[..., None]  # (B, P, R) averaging matrix: the phrase mean is one einsum
-    cols, _ = _first_positions(inputs["mm_token_type_ids"] == 1)  # (B, N) image token positions, raster order
-    keys = torch.arange(S, device=device)
-    keys_ok = (keys <= rows[..., None]) & inputs["attention_mask"].bool()[:, None]  # (B, R, S) causal + padding
+    cols, _ = _first_positions(mm_token_type_ids == 1)  # (B, N) image token positions, raster order
+    keys_ok = (torch.arange(S) <= rows[..., None]) & attention_mask.bool()[:, None]  # (B, R, S) causal + padding
+    rows, avg, cols, keys_ok = (t.to(device, non_blocking=True) for t in (rows, avg, cols, keys_ok))
+    inputs = dict(input_ids=batch["input_ids"][:, :S], attention_mask=attention_mask,
+                  mm_token_type_ids=mm_token_type_ids, pixel_values=batch["pixel_values"],
+                  image_grid_thw=batch["image_grid_thw"])
+    inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
     capture, vis = PhraseCapture(rows, avg, cols, keys_ok), []
     handle = None
@@ -349,7 +353,7 @@ class Grounder(nn.Module):
         out = phrase_attention(self.qwen, batch, vision=self.vision)  # under no_grad: the VLM is frozen
         maps, feats = out if self.vision else (out, None)
         if feats is not None:  # each phrase gets its image's features
-            feats = [f for f, k in zip(feats, (batch["mask_ids"].max(1).values + 1).tolist()) for _ in range(k)]
+            feats = [f for f, k in zip(feats, qwen_inputs.phrase_counts(batch)) for _ in range(k)]
         return self.head(maps, feats)
 
     def supervised(self, batch, device):

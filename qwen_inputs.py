@@ -5,6 +5,7 @@ torchvision and no processor object. Conventions: images are PIL, sizes are `(he
 is `image_grid_thw = [[1, gh, gw]]` (gh, gw in 14-px patches, both even), its `pixel_values` are
 `(gh*gw, 1176)` rows in 2x2 merge-block order, and it becomes `gh*gw // 4` `<|image_pad|>` tokens.
 """
+import functools
 import math
 
 import numpy as np
@@ -92,8 +93,12 @@ def unpatchify(pixel_values, image_grid_thw):
     return images
 
 
-def _tokens(tokenizer, text):
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+@functools.lru_cache(maxsize=32)
+def _template_ids(tokenizer, prompt):
+    """The token ids before and after the image pads, tokenized once per (tokenizer, prompt), not once a sample."""
+    head = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<|vision_start|>",
+            f"<|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n")
+    return tuple(tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in head)
 
 
 def build_inputs(tokenizer, image_grid_thw, phrases, prompt=DEFAULT_PROMPT, sep="\n", max_length=None):
@@ -112,12 +117,10 @@ def build_inputs(tokenizer, image_grid_thw, phrases, prompt=DEFAULT_PROMPT, sep=
     n_image = int(grid.prod()) // (MERGE * MERGE)
     if not phrases:
         raise ValueError("build_inputs: no phrases given")
-    head = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<|vision_start|>",
-            f"<|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n")
-    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    ids = _tokens(tokenizer, head[0]) + [image_pad] * n_image
+    before, after = _template_ids(tokenizer, prompt)
+    ids = list(before) + [tokenizer.convert_tokens_to_ids("<|image_pad|>")] * n_image
     image_end = len(ids)
-    ids += _tokens(tokenizer, head[1])
+    ids += after
     mask_ids = [-1] * len(ids)
     for k, phrase in enumerate(phrases):
         if not phrase.strip():
@@ -157,6 +160,11 @@ def collate(samples):
         if key not in batch:
             batch[key] = [s[key] for s in samples]
     return batch
+
+
+def phrase_counts(batch):
+    """Phrases per sample of a collated batch, from mask_ids (phrase k on its tokens, -1 elsewhere)."""
+    return (batch["mask_ids"].max(1).values + 1).tolist()
 
 
 def check_pixels(pixel_values, image_grid_thw):

@@ -66,7 +66,7 @@ class Config:
     # bookkeeping
     out_dir: str = "out/refcoco"
     resume: bool = False  # continue from out_dir/ckpt.pt (same data order, RNG, optimizer, scheduler, step)
-    log_every: int = 10  # steps between log lines / tensorboard scalars
+    log_every: int = 10  # steps between log lines, tensorboard scalars and non-finite-loss checks
     eval_every: int = 2000  # steps between periodic evals (0: only at the end)
     eval_batches: int = 0  # > 0: cap the periodic eval at this many batches (the final eval scores everything)
     ckpt_every: int = 500  # steps between checkpoints (always at the end)
@@ -195,6 +195,18 @@ def save_checkpoint(path, state):
             os.remove(tmp)
 
 
+def check_finite(recent, ckpt_path):
+    """Raise on the first non-finite loss of `recent` (step, sample ids, loss tensor). One host sync for all of
+    them, taken where the loop syncs anyway (log line, checkpoint), not once per step."""
+    if not recent:
+        return
+    finite = torch.isfinite(torch.stack([loss for _, _, loss in recent])).tolist()
+    for (step, ids, loss), ok in zip(recent, finite):
+        if not ok:
+            raise RuntimeError(f"non-finite loss {loss.item()} at step {step}, samples {ids}; the last good "
+                               f"checkpoint is {ckpt_path}")
+
+
 def train(cfg, device, rank=0, world=1, show_config=True):
     """One training run of cfg (model, data, loop, final eval) -> (final val metrics {split: {metric: value}}, the
     trained MaskHead). Call inside an initialised process group when world > 1 (main does)."""
@@ -258,6 +270,7 @@ def train(cfg, device, rank=0, world=1, show_config=True):
     batches = micro_batches(loader, step * cfg.grad_accum)  # resumes mid-epoch in the same seeded order
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True, file=sys.stdout, mininterval=2)
     t0, seen, skipped = time.time(), 0, 0
+    recent = []  # (step, sample ids, loss) since the last finiteness check
     while step < total:
         lr = lr_at(step, total, cfg)
         for group in optimizer.param_groups:
@@ -282,9 +295,7 @@ def train(cfg, device, rank=0, world=1, show_config=True):
                 with autocast:
                     logits, masks = grounder.supervised(batch, device)
                     loss, parts = grounder.loss(logits, masks)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"non-finite loss {loss.item()} at step {step}, samples {batch['ids']}; the last "
-                                       f"good checkpoint is {ckpt_path}")
+                recent.append((step, batch["ids"], loss.detach()))
                 scaler.scale(loss / cfg.grad_accum).backward()
             terms += torch.stack([loss.detach(), parts["bce"].detach(), parts["dice"].detach()]) / cfg.grad_accum
         scaler.unscale_(optimizer)
@@ -294,6 +305,9 @@ def train(cfg, device, rank=0, world=1, show_config=True):
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
+        if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == total:
+            check_finite(recent, ckpt_path)  # before any checkpoint: a non-finite step is never saved
+            recent = []
         if step % cfg.log_every == 0 or step == total:
             if ddp:
                 dist.all_reduce(terms, op=dist.ReduceOp.AVG)
@@ -326,7 +340,7 @@ def train(cfg, device, rank=0, world=1, show_config=True):
         writer.close()
         for name, (val_loader, _) in list(val_loaders.items())[:1] if cfg.vis_samples else []:
             folder = os.path.join(cfg.out_dir, "vis", name)
-            evaluation.write_overlays(grounder, val_loader.dataset, cfg.vis_samples, folder, device, autocast)
+            evaluation.write_overlays(grounder, val_loader.dataset, cfg.vis_samples, folder, autocast)
             print0(f"overlays: {folder}")
         print0(f"checkpoint: {ckpt_path}")
     return metrics, head
