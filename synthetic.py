@@ -1,6 +1,7 @@
 """A synthetic referring dataset in the refer layout, so the demo and the tests run the real data path with nothing
-downloaded: scenes of 3-5 coloured shapes, every expression naming exactly one object while its distractors share
-its other attributes (only the language decides), exact masks, train/val/testA/testB, deterministic from a seed.
+downloaded: scenes of 3-5 coloured shapes, every expression naming exactly one object ("the red circle", "the big
+red star on the left") while most distractors share its colour or its shape (only the language decides), exact
+masks, train/val/testA/testB, deterministic from a seed.
 
     make_synthetic(root) -> root/synthetic/{refs(unc).p, instances.json, meta.json}, root/images/*.png
     data.load_refer(root, "synthetic", "unc", "val") reads it like RefCOCO.
@@ -25,7 +26,7 @@ SIZES = ("small", "big")
 WORD_ATTRIBUTE = {**{w: "shape" for w in SHAPES}, **{w: "colour" for w in COLOURS}, **{w: "size" for w in SIZES},
                   "left": "h", "right": "h", "top": "v", "bottom": "v"}
 SYNTHETIC_SPLITS = {"train": (3, 5), "val": (3, 5), "testA": (3, 3), "testB": (5, 5)}  # objects per scene
-SYNTHETIC_VERSION = 1  # bump when the generator changes: cached datasets are then rebuilt
+SYNTHETIC_VERSION = 2  # bump when the generator changes: cached datasets are then rebuilt
 
 
 def describe(obj, attrs):
@@ -83,10 +84,11 @@ def _scene(rng, n, width, height):
 
 
 def _expressions(rng, obj, scene):
-    """2-3 phrasings of the shortest description naming `obj` alone in `scene` (attribute dicts); [] if none does."""
-    options = [k for k in ("colour", "size", "h", "v") if obj[k]]
+    """2-3 phrasings of the shortest description naming `obj` alone in `scene` (attribute dicts); [] if none does.
+    Colour and shape are always named, as people name them; size and position only where they are needed."""
+    options = [k for k in ("size", "h", "v") if obj[k]]
     for n in range(len(options) + 1):  # shortest first, in a random order within a length
-        combos = list(combinations(options, n))
+        combos = [("colour",) + c for c in combinations(options, n)]
         unique = [combos[i] for i in rng.permutation(len(combos))
                   if synthetic_matches(describe(obj, combos[i]), scene) == 1]
         if unique:
