@@ -66,7 +66,7 @@ class Config:
     # bookkeeping
     out_dir: str = "out/refcoco"
     resume: bool = False  # continue from out_dir/ckpt.pt (same data order, RNG, optimizer, scheduler, step)
-    log_every: int = 10  # steps between log lines, tensorboard scalars and non-finite-loss checks
+    log_every: int = 10  # steps between log lines (loss averaged over them), tensorboard scalars, non-finite checks
     eval_every: int = 2000  # steps between periodic evals (0: only at the end)
     eval_batches: int = 0  # > 0: cap the periodic eval at this many batches (the final eval scores everything)
     ckpt_every: int = 500  # steps between checkpoints (always at the end)
@@ -195,16 +195,31 @@ def save_checkpoint(path, state):
             os.remove(tmp)
 
 
-def check_finite(recent, ckpt_path):
+def check_finite(recent, ckpt_path, device):
     """Raise on the first non-finite loss of `recent` (step, sample ids, loss tensor). One host sync for all of
-    them, taken where the loop syncs anyway (log line, checkpoint), not once per step."""
-    if not recent:
+    them, taken where the loop syncs anyway (log line, checkpoint), not once per step. Under DDP every rank calls
+    it at the same steps and all of them stop together (a rank that raised alone would leave the others waiting)."""
+    losses = torch.stack([loss for _, _, loss in recent]) if recent else torch.zeros(0, device=device)
+    bad = (~torch.isfinite(losses)).any().to(torch.int32)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if not bad:
         return
-    finite = torch.isfinite(torch.stack([loss for _, _, loss in recent])).tolist()
-    for (step, ids, loss), ok in zip(recent, finite):
+    for (step, ids, loss), ok in zip(recent, torch.isfinite(losses).tolist()):
         if not ok:
             raise RuntimeError(f"non-finite loss {loss.item()} at step {step}, samples {ids}; the last good "
                                f"checkpoint is {ckpt_path}")
+    raise RuntimeError(f"another rank stopped on a non-finite loss (its error names the step and samples); the last "
+                       f"good checkpoint is {ckpt_path}")
+
+
+def idle_backward(grounder, device):
+    """A zero-weighted head forward/backward on a dummy map: a rank whose micro-batch held no usable sample
+    (skip_bad) still joins DDP's gradient all-reduce instead of leaving the other ranks waiting in it."""
+    head = grounder.head.module if isinstance(grounder.head, DDP) else grounder.head
+    maps = [torch.zeros(head.in_channels, 1, 1, device=device)]
+    feats = [torch.zeros(head.vision_channels, 2, 2, device=device)] if head.vision_channels else None
+    (grounder.head(maps, feats)[0].sum() * 0).backward()
 
 
 def train(cfg, device, rank=0, world=1, show_config=True):
@@ -271,6 +286,7 @@ def train(cfg, device, rank=0, world=1, show_config=True):
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True, file=sys.stdout, mininterval=2)
     t0, seen, skipped = time.time(), 0, 0
     recent = []  # (step, sample ids, loss) since the last finiteness check
+    terms = torch.zeros(4, device=device)  # loss, bce, dice, micro-batches: summed since the last log line
     while step < total:
         lr = lr_at(step, total, cfg)
         for group in optimizer.param_groups:
@@ -283,21 +299,24 @@ def train(cfg, device, rank=0, world=1, show_config=True):
                     if master:
                         writer.add_scalar(f"eval/{name}/{k}", v, step)
         head.train()
-        terms = torch.zeros(3, device=device)  # loss, bce, dice summed over micro-steps
         for k in range(cfg.grad_accum):
             batch = next(batches)
             skipped += batch.get("num_skipped", 0)
+            sync = contextlib.nullcontext() if not ddp or k == cfg.grad_accum - 1 else grounder.head.no_sync()
             if "input_ids" not in batch:  # every sample of this micro-batch was bad (skip_bad): nothing to learn
+                if ddp:
+                    with sync:
+                        idle_backward(grounder, device)
                 continue
             seen += len(batch["input_ids"])
-            sync = contextlib.nullcontext() if not ddp or k == cfg.grad_accum - 1 else grounder.head.no_sync()
             with sync:
                 with autocast:
                     logits, masks = grounder.supervised(batch, device)
                     loss, parts = grounder.loss(logits, masks)
                 recent.append((step, batch["ids"], loss.detach()))
                 scaler.scale(loss / cfg.grad_accum).backward()
-            terms += torch.stack([loss.detach(), parts["bce"].detach(), parts["dice"].detach()]) / cfg.grad_accum
+            one = torch.ones((), device=device)  # counts the micro-batch, for the average
+            terms += torch.stack([loss.detach(), parts["bce"].detach(), parts["dice"].detach(), one])
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
@@ -306,12 +325,13 @@ def train(cfg, device, rank=0, world=1, show_config=True):
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == total:
-            check_finite(recent, ckpt_path)  # before any checkpoint: a non-finite step is never saved
+            check_finite(recent, ckpt_path, device)  # before any checkpoint: a non-finite step is never saved
             recent = []
         if step % cfg.log_every == 0 or step == total:
             if ddp:
-                dist.all_reduce(terms, op=dist.ReduceOp.AVG)
-            loss_v, bce_v, dice_v = terms.tolist()  # one host sync per log line, not per step
+                dist.all_reduce(terms)
+            loss_v, bce_v, dice_v = (terms[:3] / terms[3].clamp(min=1)).tolist()  # one host sync per log line
+            terms.zero_()
             rate = seen * world / (time.time() - t0)
             bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{lr:.1e}", samples_s=f"{rate:.1f}")
             if master:

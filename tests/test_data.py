@@ -372,13 +372,15 @@ def test_synthetic(tmp_path):
         assert len({r["image_id"] for r in recs}) <= n_images and len(recs) >= n_images
         for r in recs:
             objects = [ann["attributes"] for ann in scene[r["image_id"]]]
+            target = next(x["attributes"] for x in scene[r["image_id"]] if x["id"] == r["ann_id"])
             for sent in r["sentences"]:
                 assert synthetic.synthetic_matches(sent, objects) == 1, (sent, objects)
+                words = sent.split()  # the referred object's colour and shape are always named
+                assert target["colour"] in words and target["shape"] in words, (sent, target)
                 assert all(w in synthetic.WORD_ATTRIBUTE or w in ("the", "on", "in", "at") for w in sent.split())
                 n_sent += 1
             pixels = np.asarray(Image.open(f"{a}/images/{r['file_name']}"))
             mask = data.decode_mask(r["segmentation"], r["height"], r["width"])
             assert mask.shape == pixels.shape[:2] == (224, 224) and mask.sum() > 50
-            colour = next(x["attributes"]["colour"] for x in scene[r["image_id"]] if x["id"] == r["ann_id"])
-            assert (pixels[mask] == synthetic.COLOURS[colour]).all()  # the mask is the visible part: the object's colour everywhere
+            assert (pixels[mask] == synthetic.COLOURS[target["colour"]]).all()  # the mask is the visible part: the object's colour everywhere
     assert n_sent > 60 and set(synthetic.synthetic_texts()) >= {"the red circle", "big blue star in the top left"}

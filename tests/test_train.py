@@ -2,8 +2,10 @@
 metrics against mask_metrics by hand, --image/--text, atomic checkpoints, a non-finite loss, and bench.py."""
 import json
 import os
+import re
 import socket
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -144,24 +146,53 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
-def _ddp_worker(rank, world, port, cfg_dict, out):
+def _ddp_worker(rank, world, port, cfg_dict, out, fault=None):
+    """One torchrun-like rank. fault="empty": rank 0's second micro-batch has no usable sample (skip_bad);
+    fault="nan": rank 1's third loss is NaN. Errors are written to rank{r}.err instead of killing the test."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
+    if fault == "empty" and rank == 0:
+        batches = train.micro_batches
+        train.micro_batches = lambda loader, start: (dict(num_skipped=len(b["ids"])) if i == 1 else b
+                                                     for i, b in enumerate(batches(loader, start)))
+    if fault == "nan" and rank == 1:
+        calls, loss = [0], model.Grounder.loss
+
+        def nan_loss(logits, masks):
+            calls[0] += 1
+            out, parts = loss(logits, masks)
+            return (out * float("nan"), parts) if calls[0] == 3 else (out, parts)
+        model.Grounder.loss = staticmethod(nan_loss)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         metrics, head = train.train(train.config_from_dict(cfg_dict), torch.device("cpu"), rank, world)
         torch.save(dict(head=head.state_dict(), metrics=metrics), os.path.join(out, f"rank{rank}.pt"))
+    except RuntimeError as e:
+        with open(os.path.join(out, f"rank{rank}.err"), "w") as f:
+            f.write(str(e))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_processes_keep_heads_identical(tiny_qwen, synthetic_root, tmp_path):
+def run_ddp(cfg, out, fault=None, timeout=240):
+    """Two gloo ranks of train.train; fails (instead of hanging the suite) if they do not finish in time."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    os.makedirs(out, exist_ok=True)
+    context = mp.spawn(_ddp_worker, args=(2, port, cfg, str(out), fault), nprocs=2, join=False)
+    deadline = time.time() + timeout
+    while not context.join(timeout=5):
+        if time.time() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"DDP ranks still running after {timeout} s (fault={fault}): one rank waits on the other")
+
+
+def test_ddp_two_processes_keep_heads_identical(tiny_qwen, synthetic_root, tmp_path):
     cfg = vars(tiny_config(tiny_qwen[0], synthetic_root, tmp_path / "run", max_steps=4, vis_samples=0))
-    mp.spawn(_ddp_worker, args=(2, port, cfg, str(tmp_path)), nprocs=2, join=True)
+    run_ddp(cfg, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(r0["head"][k], r1["head"][k]) for k in r0["head"])
     torch.manual_seed(1)  # the seed the run initialised its head with
@@ -170,6 +201,21 @@ def test_ddp_two_processes_keep_heads_identical(tiny_qwen, synthetic_root, tmp_p
     assert r0["metrics"] == r1["metrics"]  # eval results were gathered from both ranks
     n_val = sum(len(r["sentences"]) for r in data.load_refer(synthetic_root, "synthetic", "unc", "val"))
     assert r0["metrics"]["synthetic_val"]["n"] == n_val  # each sentence scored once, none twice
+
+
+def test_ddp_ranks_never_wait_on_each_other(tiny_qwen, synthetic_root, tmp_path):
+    # a micro-batch without a usable sample on one rank: it still joins the gradient all-reduce
+    cfg = vars(tiny_config(tiny_qwen[0], synthetic_root, tmp_path / "empty", max_steps=3, vis_samples=0))
+    run_ddp(cfg, tmp_path / "empty", fault="empty")
+    r0, r1 = (torch.load(tmp_path / "empty" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(r0["head"][k], r1["head"][k]) for k in r0["head"])
+    # a non-finite loss on one rank: both stop at the same check, the bad rank names the step and samples
+    cfg = vars(tiny_config(tiny_qwen[0], synthetic_root, tmp_path / "nan", max_steps=4, vis_samples=0))
+    run_ddp(cfg, tmp_path / "nan", fault="nan")
+    errors = [open(tmp_path / "nan" / f"rank{r}.err").read() for r in (0, 1)]
+    assert "another rank stopped on a non-finite loss" in errors[0]
+    assert re.search(r"non-finite loss nan at step 2, samples \[\[.*\]\]", errors[1])
+    assert torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=True)["step"] == 2  # the last good one
 
 
 # ----------------------------------------------------------------------------------------------------- eval
