@@ -149,13 +149,19 @@ def random_object_metrics(spec, protocol="standard", seed=0):
     return mask_metrics(preds, gts)
 
 
+def _edge(mask):
+    """The pixels of a bool mask that touch its outside (4-neighbourhood)."""
+    return mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
+
+
 def overlay(image, pred, gt=None, text=""):
-    """uint8 (H, W, 3) image + bool masks -> uint8 picture: prediction in red, truth outlined in green, text on top."""
+    """uint8 (H, W, 3) image + bool masks -> uint8 picture: prediction tinted red and outlined in black (visible on
+    a red object too), truth outlined in green, text on top."""
     out = image.astype(np.float32)
     out[pred] = 0.5 * out[pred] + 0.5 * np.array([255, 0, 0])
+    out[_edge(pred)] = [0, 0, 0]
     if gt is not None:
-        edge = gt & ~(np.roll(gt, 1, 0) & np.roll(gt, -1, 0) & np.roll(gt, 1, 1) & np.roll(gt, -1, 1))
-        out[edge] = [0, 255, 0]
+        out[_edge(gt)] = [0, 255, 0]
     picture = Image.fromarray(out.astype(np.uint8))
     if text:
         draw = ImageDraw.Draw(picture)
