@@ -165,7 +165,7 @@ def main():
 
     # 2. the frozen forward three ways, batch 1
     one = to_device(qwen_inputs.collate([sample(tokenizer, rng, size)]), device)
-    inputs = {k: one[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")}
+    inputs = {k: one[k] for k in model.MODEL_INPUTS}
     with torch.no_grad():
         stock_sdpa(qwen)  # the floor: stock transformers SDPA everywhere, no capture
         t_floor, m_floor = timed(lambda: qwen.model(**inputs, use_cache=False), device, repeats)
@@ -203,8 +203,7 @@ def main():
     best = None
     for bs in batch_sizes:
         batch = to_device(qwen_inputs.collate([sample(tokenizer, rng, size) for _ in range(bs)]), device)
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
-                                          "image_grid_thw")}
+        inputs = {k: batch[k] for k in model.MODEL_INPUTS}
 
         def step():
             with autocast:

@@ -378,7 +378,8 @@ class SeededSampler(DistributedSampler):
 def build_loader(dataset, batch_size, *, num_workers=0, shuffle=False, seed=0, drop_last=False, distributed=None):
     """DataLoader over `dataset` with `collate_skip`. The order is a function of (seed, epoch) only, split over
     ranks when torch.distributed is initialized (distributed=None: auto): call `set_epoch(loader, epoch)` before
-    iterating each epoch. In distributed eval, DistributedSampler pads the last round with repeated samples."""
+    iterating each epoch. Evaluation (shuffle=False) gives rank r the samples r, r + world, ...: no padding, so
+    under torchrun every sample is scored exactly once."""
     distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
     world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
     if shuffle:  # DistributedSampler permutes with seed + epoch, which is what resuming needs (also on one process)

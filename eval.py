@@ -31,10 +31,16 @@ def iou_stats(pred, gt):
     return int((pred & gt).sum()), int((pred | gt).sum())
 
 
-def _metrics(inter, union):
+def _ious(inter, union):
+    """Per-phrase IoU from pixel counts; an empty prediction of an empty target is a perfect answer (1)."""
     inter, union = np.asarray(inter, np.float64), np.asarray(union, np.float64)
-    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)  # empty on empty is a perfect answer
-    out = {"cIoU": 100 * inter.sum() / max(union.sum(), 1), "mIoU": 100 * iou.mean() if len(iou) else 0.0}
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def _metrics(inter, union):
+    iou = _ious(inter, union)
+    total_inter, total_union = np.sum(inter, dtype=np.float64), np.sum(union, dtype=np.float64)
+    out = {"cIoU": 100 * total_inter / max(total_union, 1), "mIoU": 100 * iou.mean() if len(iou) else 0.0}
     out.update({f"P@{t}": 100 * float((iou >= t).mean()) if len(iou) else 0.0 for t in THRESHOLDS})
     return {k: float(v) for k, v in out.items()} | {"n": len(iou)}
 
@@ -109,7 +115,7 @@ def summarize(rows, kind="refer"):
         out["N-acc"] = float(100 * empty[nt].mean()) if nt.any() else 0.0
         out["T-acc"] = float(100 * (~empty[~nt]).mean()) if (~nt).any() else 0.0
     if kind == "png":  # average recall overall, things / stuff, singular / plural
-        iou = np.where(np.array(union) > 0, np.array(inter) / np.maximum(union, 1), 1.0)
+        iou = _ious(inter, union)
         things = np.array([r[2]["isthing"] for r in rows], bool)
         plural = np.array([r[2]["plural"] for r in rows], bool)
         groups = {"AR": np.ones(len(rows), bool), "AR_things": things, "AR_stuff": ~things,
@@ -214,11 +220,8 @@ def main():
     parser.add_argument("--image", help="predict one picture (with --text) and write an overlay PNG")
     parser.add_argument("--text")
     args = parser.parse_args()
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if ddp else 0
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    import train  # the config, the frozen-model builder and the torchrun setup live with the trainer
+    rank, world, device = train.init_distributed()
     grounder, tokenizer, cfg = load_run(args.ckpt, device)
     out_dir = os.path.dirname(os.path.abspath(args.ckpt))
     if args.image:
@@ -228,7 +231,6 @@ def main():
         mask = predict_image(grounder, tokenizer, cfg, args.image, args.text, out_path)
         print(f"{args.image}: {int(mask.sum())} pixels for {args.text!r} -> {out_path}")
         return
-    import train
     cfg.protocol = args.protocol or cfg.protocol
     cfg.batch_size = args.batch_size or cfg.batch_size
     autocast = train.autocast_for(cfg, device)
@@ -260,7 +262,7 @@ def main():
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(dict(ckpt=args.ckpt, protocol=cfg.protocol, results=results), f, indent=1)
-    if ddp:
+    if world > 1:
         dist.destroy_process_group()
 
 

@@ -252,6 +252,14 @@ def phrase_attention(qwen, batch, *, vision=False):
 
 # ------------------------------------------------------------------------------------------------ mask head
 
+def same_size_groups(tensors):
+    """Indices of `tensors` grouped by their last two dims, in first-seen order: each group stacks into one batch."""
+    groups = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(tuple(t.shape[-2:]), []).append(i)
+    return list(groups.values())
+
+
 def _conv_block(cin, cout):
     """Two 3x3 conv + GroupNorm + ReLU: the mmseg U-Net block F-LMM's head is built from."""
     return nn.Sequential(
@@ -289,11 +297,8 @@ class MaskHead(nn.Module):
         if (feats is not None) != bool(self.vision_channels):
             got = "None" if feats is None else "vision features"
             raise ValueError(f"MaskHead(vision_channels={self.vision_channels}) got feats={got}")
-        groups = {}
-        for i, m in enumerate(maps):
-            groups.setdefault(tuple(m.shape[-2:]), []).append(i)
         out = [None] * len(maps)
-        for idx in groups.values():
+        for idx in same_size_groups(maps):
             v = torch.stack([feats[i] for i in idx]) if feats is not None else None
             for i, logit in zip(idx, self._forward_grid(torch.stack([maps[i] for i in idx]), v)):
                 out[i] = logit
@@ -370,15 +375,13 @@ class Grounder(nn.Module):
         """BCE-with-logits + Dice (weight 1 each), each averaged over phrases -> (loss, dict(bce=, dice=))."""
         if not logits:
             raise ValueError("Grounder.loss: no phrases to supervise in this batch")
-        groups = {}  # phrases of one image size are scored as one stacked batch: a few kernels, not a few per phrase
         for x, m in zip(logits, masks, strict=True):
             if x.shape != m.shape:
                 raise ValueError(f"Grounder.loss: logits {tuple(x.shape)} vs mask {tuple(m.shape)}")
-            groups.setdefault(tuple(x.shape), []).append((x, m))
         bce, dice = [], []
-        for pairs in groups.values():
-            x = torch.stack([x for x, _ in pairs]).float().flatten(1)  # (P, h*w)
-            m = torch.stack([m for _, m in pairs]).to(x.device, torch.float32).flatten(1)
+        for idx in same_size_groups(logits):  # one stacked batch per image size: a few kernels, not a few per phrase
+            x = torch.stack([logits[i] for i in idx]).float().flatten(1)  # (P, h*w)
+            m = torch.stack([masks[i] for i in idx]).to(x.device, torch.float32).flatten(1)
             bce.append(F.binary_cross_entropy_with_logits(x, m, reduction="none").mean(1))  # (P,) per phrase
             p = x.sigmoid()
             dice.append(1 - (2 * (p * m).sum(1) + 1) / (p.sum(1) + m.sum(1) + 1))  # +1: empty masks are fine

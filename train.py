@@ -366,7 +366,9 @@ def train(cfg, device, rank=0, world=1, show_config=True):
     return metrics, head
 
 
-def main(cfg):
+def init_distributed():
+    """The torchrun environment -> (rank, world, device): the process group initialised when WORLD_SIZE > 1 (NCCL on
+    CUDA, gloo on the CPU) and this rank's GPU made current, which NCCL collectives rely on. Used by eval.py too."""
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     if ddp:
@@ -376,6 +378,12 @@ def main(cfg):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return rank, world, device
+
+
+def main(cfg):
+    rank, world, device = init_distributed()
+    ddp = world > 1
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.synthetic:

@@ -377,7 +377,7 @@ def test_synthetic(tmp_path):
                 assert synthetic.synthetic_matches(sent, objects) == 1, (sent, objects)
                 words = sent.split()  # the referred object's colour and shape are always named
                 assert target["colour"] in words and target["shape"] in words, (sent, target)
-                assert all(w in synthetic.WORD_ATTRIBUTE or w in ("the", "on", "in", "at") for w in sent.split())
+                assert all(w in synthetic.WORD_ATTRIBUTE or w in ("the", "on", "in", "at") for w in words)
                 n_sent += 1
             pixels = np.asarray(Image.open(f"{a}/images/{r['file_name']}"))
             mask = data.decode_mask(r["segmentation"], r["height"], r["width"])
