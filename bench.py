@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import data
+import head as heads
 import model
 import qwen_inputs
 import synthetic
@@ -37,7 +38,7 @@ def build(name, device, workdir):
         return model.load_qwen(name, dtype=dtype_for(device), device=device)
     tiny_dir = os.path.join(workdir, "tiny")
     kw = dict(hidden=256, layers=6, heads=8, kv_heads=2, vision_hidden=128, vision_depth=4) if name == "tiny" else {}
-    model.build_tiny_qwen(tiny_dir, TEXTS, seed=0, **kw)
+    synthetic.build_tiny_qwen(tiny_dir, TEXTS, seed=0, **kw)
     if name == "tiny":
         return model.load_qwen(tiny_dir, dtype=dtype_for(device), device=device)
     from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
@@ -121,11 +122,7 @@ def sample(tokenizer, rng, size):
     pixel_values, grid = qwen_inputs.patchify(image)
     masks = torch.from_numpy(rng.random((len(PHRASES), int(grid[0, 1]) * 14, int(grid[0, 2]) * 14)) > 0.7).float()
     return dict(qwen_inputs.build_inputs(tokenizer, grid, PHRASES), pixel_values=pixel_values, image_grid_thw=grid,
-                masks=list(masks))
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                masks=masks, supervised=[True] * len(PHRASES))
 
 
 def main():
@@ -164,7 +161,7 @@ def main():
     rows.append((f"patchify {args.image_size} (images/s)", f"{n / t_ours:.1f}", f"official {n / t_hf:.1f}", f"{t_hf / t_ours:.2f}x"))
 
     # 2. the frozen forward three ways, batch 1
-    one = to_device(qwen_inputs.collate([sample(tokenizer, rng, size)]), device)
+    one = model.to_device(qwen_inputs.collate([sample(tokenizer, rng, size)]), device)
     inputs = {k: one[k] for k in model.MODEL_INPUTS}
     with torch.no_grad():
         stock_sdpa(qwen)  # the floor: stock transformers SDPA everywhere, no capture
@@ -195,22 +192,23 @@ def main():
 
     # 3. a full training step vs the floor at the same batch size
     text = qwen.config.text_config
-    head = model.MaskHead(in_channels=text.num_hidden_layers * text.num_attention_heads).to(device)
-    grounder = model.Grounder(qwen, head)
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-4, weight_decay=0.01)
+    vision = qwen.config.vision_config
+    grounder = heads.Grounder(heads.MaskHead(in_channels=text.num_hidden_layers * text.num_attention_heads,
+                                             token_px=vision.patch_size * vision.spatial_merge_size)).to(device)
+    opt = torch.optim.AdamW(grounder.parameters(), lr=1e-4, weight_decay=0.01)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     res["train"] = {}
     best = None
     for bs in batch_sizes:
-        batch = to_device(qwen_inputs.collate([sample(tokenizer, rng, size) for _ in range(bs)]), device)
+        batch = model.to_device(qwen_inputs.collate([sample(tokenizer, rng, size) for _ in range(bs)]), device)
         inputs = {k: batch[k] for k in model.MODEL_INPUTS}
 
         def step():
             with autocast:
-                logits = grounder(batch)
-                loss, _ = grounder.loss(logits, [m for ms in batch["masks"] for m in ms])
+                out = grounder(model.frozen_outputs(qwen, batch))
+                loss = sum(heads.phrase_losses(out, batch).values()).mean()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(grounder.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
         try:

@@ -19,8 +19,6 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 
 import qwen_inputs
 
-# pycocotools 2.0.x calls np.array(copy=False)-style __array__ on every decode under numpy 2: harmless, loud
-warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword")
 
 
 class DataError(ValueError):
@@ -159,6 +157,12 @@ def load_png(png_json, panoptic_json, panoptic_dir, *, skip_bad=False, skipped=N
 def decode_mask(segmentation, height, width):
     """COCO segmentation -> bool (height, width): the union of polygons [[x0, y0, x1, y1, ...], ...], or an RLE
     {size, counts} with compressed (str/bytes) or uncompressed (list, COCO crowd) counts. Same as pycocotools."""
+    with warnings.catch_warnings():  # pycocotools 2.0.x under numpy 2 warns on every decode: harmless, only here
+        warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword")
+        return _decode_mask(segmentation, height, width)
+
+
+def _decode_mask(segmentation, height, width):
     if isinstance(segmentation, list):
         if any(len(p) % 2 for p in segmentation):
             raise DataError(f"polygon with an odd number of coordinates: {[len(p) for p in segmentation]}")
@@ -238,8 +242,8 @@ class GroundingDataset(Dataset):
     `masks` bool (K, gh*14, gw*14) (the loss targets), `gt_masks` bool (K, H, W) at the stored size, and per phrase
     the lists `phrases`, `ids`, `supervised`, `no_target`, `isthing`, `plural`; plus `image_id`, `file_name`.
     The sentence drawn for an object with several depends only on (seed, epoch, index): a resumed run sees the same.
-    With skip_bad, an unreadable sample is None (counted by `collate_skip`); items whose files are missing are left
-    out at construction and listed in `self.skipped`."""
+    With skip_bad, an unreadable sample is {"bad": path} (dropped and listed by `collate_skip`); items whose files
+    are missing are left out at construction and listed in `self.skipped`."""
 
     def __init__(self, items, tokenizer, *, image_dir, min_pixels=qwen_inputs.MIN_PIXELS,
                  max_pixels=qwen_inputs.MAX_PIXELS, max_length=None, sep="\n", seed=0, skip_bad=False, skipped=None,
@@ -282,7 +286,7 @@ class GroundingDataset(Dataset):
             if not self.skip_bad:
                 raise DataError(msg) from e
             print(f"skipping sample: {msg}")
-            return None
+            return dict(bad=path)  # collate_skip drops it and reports the file
 
     def _sample(self, item, path, rng):
         H, W = item["height"], item["width"]
@@ -328,15 +332,26 @@ def spec_name(spec):
     return os.path.splitext(os.path.basename(spec["png_json"]))[0]
 
 
+def spec_files(spec):
+    """The files and folders a data spec reads; a ValueError for a spec of an unknown kind or with other keys."""
+    kind = spec.get("kind")
+    if kind not in SPEC_KEYS or set(spec) - {"kind"} != SPEC_KEYS[kind]:
+        expect = {k: sorted(v) for k, v in SPEC_KEYS.items()}
+        raise ValueError(f"data spec {spec}: kind must be one of {sorted(SPEC_KEYS)} with exactly the keys {expect}")
+    if kind == "png":
+        return [spec["png_json"], spec["panoptic_json"], spec["panoptic_dir"], spec["image_dir"]]
+    folder, refs = ((spec["dataset"], f"refs({spec['split_by']}).p") if kind == "refer" else
+                    ("grefcoco", "grefs(unc).json"))
+    return [os.path.join(spec["data_root"], folder, name) for name in (refs, "instances.json")] + [spec["image_dir"]]
+
+
 def build_dataset(spec, tokenizer, *, train, protocol="standard", min_pixels=qwen_inputs.MIN_PIXELS,
                   max_pixels=qwen_inputs.MAX_PIXELS, skip_bad=False, max_length=None, seed=0, constant_phrase=None):
     """A GroundingDataset from a YAML dict: {kind: refer|grefcoco|png, ...the loader's paths..., image_dir}.
     train=True draws one sentence per object per epoch, all objects of an image in one sample; otherwise
     `protocol` ("standard" or "flmm") decides. PNG is one sample per narrative either way."""
-    kind = spec.get("kind")
-    if kind not in SPEC_KEYS or set(spec) - {"kind"} != SPEC_KEYS[kind]:
-        expect = {k: sorted(v) for k, v in SPEC_KEYS.items()}
-        raise ValueError(f"data spec {spec}: kind must be one of {sorted(SPEC_KEYS)} with exactly the keys {expect}")
+    spec_files(spec)  # validates the spec
+    kind = spec["kind"]
     skipped = []
     if kind == "refer":
         records = load_refer(spec["data_root"], spec["dataset"], spec["split_by"], spec["split"], skip_bad=skip_bad,
@@ -355,11 +370,11 @@ def build_dataset(spec, tokenizer, *, train, protocol="standard", min_pixels=qwe
 # ------------------------------------------------------------------------------------------------ loader
 
 def collate_skip(samples):
-    """qwen_inputs.collate without the None samples (skip_bad); batch["num_skipped"] counts them. A batch whose
-    samples all failed is {"num_skipped": n} alone: skip the step, but add the count."""
-    kept = [s for s in samples if s is not None]
+    """qwen_inputs.collate without the unreadable samples (skip_bad); batch["skipped"] lists their files. A batch
+    whose samples all failed is {"skipped": [...]} alone: skip the step, but count the files."""
+    kept = [s for s in samples if "bad" not in s]
     batch = qwen_inputs.collate(kept) if kept else {}
-    batch["num_skipped"] = len(samples) - len(kept)
+    batch["skipped"] = [s["bad"] for s in samples if "bad" in s]
     return batch
 
 

@@ -18,7 +18,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
+import build
 import data
+import head as heads
 import model
 import qwen_inputs
 
@@ -62,10 +64,11 @@ def average_recall(ious):
 
 
 @torch.no_grad()
-def predict(grounder, batch, sizes):
-    """Batch -> one bool mask per phrase (batch order, then phrase order), upsampled to its image's original size;
-    sizes: one (H, W) per sample."""
-    logits = grounder(batch)
+def predict(qwen, grounder, batch, sizes, coarse=False):
+    """Batch (on the device) -> one bool mask per phrase (batch order, then phrase order), upsampled to its image's
+    original size; sizes: one (H, W) per sample. The refined masks when the grounder has a refiner, unless coarse."""
+    out = grounder(build.extract(qwen, grounder, batch))
+    logits = out["coarse" if coarse or "refined" not in out else "refined"]
     per_phrase = [hw for hw, k in zip(sizes, qwen_inputs.phrase_counts(batch), strict=True) for _ in range(k)]
     return [F.interpolate(x[None, None].float(), size=hw, mode="bilinear", align_corners=False)[0, 0] > 0
             for x, hw in zip(logits, per_phrase, strict=True)]
@@ -76,7 +79,8 @@ def gt_sizes(batch):
 
 
 @torch.no_grad()
-def evaluate(grounder, loader, device, kind="refer", autocast=contextlib.nullcontext(), max_batches=0):
+def evaluate(qwen, grounder, loader, device, kind="refer", autocast=contextlib.nullcontext(), max_batches=0,
+             coarse=False):
     """Score the loader's dataset (every rank its shard, results gathered) -> the metrics of its kind:
     refer: cIoU, mIoU, P@t; grefcoco: also N-acc / T-acc; png: average recall overall and per group."""
     was_training = grounder.training
@@ -87,9 +91,10 @@ def evaluate(grounder, loader, device, kind="refer", autocast=contextlib.nullcon
             break
         if "input_ids" not in batch:  # every sample of the batch was unreadable (skip_bad)
             continue
+        batch = model.to_device(batch, device, model.DEVICE_KEYS + ("gt_masks",))
         with autocast:
-            preds = predict(grounder, batch, gt_sizes(batch))
-        gts = [g.to(p.device, non_blocking=True) for g, p in zip((g for m in batch["gt_masks"] for g in m), preds)]
+            preds = predict(qwen, grounder, batch, gt_sizes(batch), coarse)
+        gts = [g for m in batch["gt_masks"] for g in m]
         # I, U and predicted pixels on the device, one host transfer per batch
         stats = torch.stack([torch.stack([(p & g).sum(), (p | g).sum(), p.sum()]) for p, g in zip(preds, gts,
                                                                                               strict=True)]).tolist()
@@ -102,6 +107,12 @@ def evaluate(grounder, loader, device, kind="refer", autocast=contextlib.nullcon
         rows = [r for part in gathered for r in part]
     grounder.train(was_training)
     return summarize(rows, kind)
+
+
+def evaluate_all(qwen, grounder, loaders, device, autocast=contextlib.nullcontext(), max_batches=0, coarse=False):
+    """{split: (loader, spec)} -> {split: metrics}."""
+    return {name: evaluate(qwen, grounder, loader, device, spec["kind"], autocast, max_batches, coarse)
+            for name, (loader, spec) in loaders.items()}
 
 
 def summarize(rows, kind="refer"):
@@ -155,56 +166,140 @@ def random_object_metrics(spec, protocol="standard", seed=0):
     return mask_metrics(preds, gts)
 
 
+def baselines_table(specs, protocol, seed, ours, constant=None):
+    """Our metrics beside the constant-phrase head's (when trained) and a random object's, per split; printed and
+    returned as {"<split> (ours)": metrics, ...}."""
+    table = {}
+    for spec in specs:
+        name = data.spec_name(spec)
+        table[f"{name} (ours)"] = ours[name]
+        if constant is not None:
+            table[f"{name} (constant phrase)"] = constant[name]
+        if spec["kind"] == "refer":
+            table[f"{name} (random object)"] = random_object_metrics(spec, protocol, seed)
+    print_table(table)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+
+# Colours no synthetic object has (red, green, blue, yellow, purple on light grey): visible on every object.
+PRED_RGB, TRUTH_RGB = np.array([0, 230, 230]), np.array([255, 0, 255])  # cyan prediction, magenta truth
+
+
 def _edge(mask):
     """The pixels of a bool mask that touch its outside (4-neighbourhood)."""
     return mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
 
 
 def overlay(image, pred, gt=None, text=""):
-    """uint8 (H, W, 3) image + bool masks -> uint8 picture: prediction tinted red and outlined in black (visible on
-    a red object too), truth outlined in green, text on top."""
+    """uint8 (H, W, 3) image + bool masks -> uint8 picture with a 14-px caption band above it: the prediction tinted
+    and outlined in cyan, the truth outlined in magenta (2 px)."""
     out = image.astype(np.float32)
-    out[pred] = 0.5 * out[pred] + 0.5 * np.array([255, 0, 0])
-    out[_edge(pred)] = [0, 0, 0]
+    out[pred] = 0.45 * out[pred] + 0.55 * PRED_RGB
+    out[_edge(pred)] = PRED_RGB
     if gt is not None:
-        out[_edge(gt)] = [0, 255, 0]
-    picture = Image.fromarray(out.astype(np.uint8))
-    if text:
-        draw = ImageDraw.Draw(picture)
-        draw.rectangle([0, 0, picture.width, 14], fill=(0, 0, 0))
-        draw.text((2, 1), text[:120], fill=(255, 255, 255))
+        edge = _edge(gt)
+        out[edge | _edge(gt & ~edge)] = TRUTH_RGB
+    picture = Image.new("RGB", (image.shape[1], image.shape[0] + 14))
+    picture.paste(Image.fromarray(out.astype(np.uint8)), (0, 14))
+    ImageDraw.Draw(picture).text((2, 1), text[:120], fill=(255, 255, 255))
     return np.asarray(picture)
 
 
-def overlay_grid(batch, logits):
-    """The first sample of a batch, every phrase side by side at the resized resolution (for tensorboard)."""
-    (image,) = qwen_inputs.unpatchify(batch["pixel_values"][: int(batch["image_grid_thw"][0].prod())],
-                                      batch["image_grid_thw"][:1])
-    tiles = [overlay(image, (x.detach().float() > 0).cpu().numpy(), (m > 0.5).cpu().numpy(), phrase)
-             for x, m, phrase in zip(logits, batch["masks"][0], batch["phrases"][0])]
-    return np.concatenate(tiles, axis=1)
+def overlay_grid(batch, out):
+    """The first sample of a (device) batch, every phrase side by side at the resized resolution (for tensorboard):
+    the coarse masks, and below them the refined ones when the grounder has a refiner."""
+    n_pix = int(batch["host"]["image_grid_thw"][0].prod())
+    (image,) = qwen_inputs.unpatchify(batch["pixel_values"][:n_pix].cpu(), batch["host"]["image_grid_thw"][:1])
+    k = len(batch["phrases"][0])
+    rows = []
+    for kind in ("coarse", "refined"):
+        if kind in out:
+            tiles = []
+            for x, m, phrase in zip(out[kind][:k], batch["masks"][0], batch["phrases"][0]):
+                x = F.interpolate(x.detach().float()[None, None], size=image.shape[:2], mode="bilinear")[0, 0]
+                tiles.append(overlay(image, (x > 0).cpu().numpy(), m.cpu().numpy() > 0.5, f"{kind}: {phrase}"))
+            rows.append(np.concatenate(tiles, axis=1))
+    return np.concatenate(rows, axis=0)
 
+
+def write_overlays(qwen, grounder, dataset, n, folder, device, autocast=contextlib.nullcontext()):
+    """One PNG per phrase (expression, prediction, truth) for the first n distinct images of a dataset."""
+    os.makedirs(folder, exist_ok=True)
+    seen = set()
+    for i in range(len(dataset)):
+        if len(seen) == n:
+            break
+        if dataset.items[i]["image_id"] in seen:  # the standard protocol has one item per sentence: other scenes
+            continue
+        sample = dataset[i]
+        if "bad" in sample:  # unreadable (skip_bad)
+            continue
+        seen.add(sample["image_id"])
+        batch = model.to_device(data.collate_skip([sample]), device)
+        with autocast:
+            preds = predict(qwen, grounder, batch, gt_sizes(batch))
+        with Image.open(os.path.join(dataset.image_dir, sample["file_name"])) as f:
+            image = np.asarray(f.convert("RGB"))
+        for k, (p, g, phrase) in enumerate(zip(preds, sample["gt_masks"], sample["phrases"])):
+            picture = overlay(image, p.cpu().numpy(), g.numpy(), phrase)
+            Image.fromarray(picture).save(os.path.join(folder, f"{i:04d}_{k}.png"))
+
+
+def report(qwen, grounder, loaders, device, autocast, out_dir, vis=0, writer=None, step=0, coarse=False):
+    """The end of a run (train.py) or of eval.py: score every split, print the table, write metrics.json and
+    overlays of `vis` scenes of the first split (rank 0), return {split: metrics}."""
+    metrics = evaluate_all(qwen, grounder, loaders, device, autocast, coarse=coarse)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return metrics
+    for name, m in metrics.items():
+        for k, v in m.items():
+            if writer is not None:
+                writer.add_scalar(f"eval/{name}/{k}", v, step)
+    print_table(metrics)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    for name, (loader, _) in list(loaders.items())[:1] if vis else []:
+        folder = os.path.join(out_dir, "vis", name)
+        write_overlays(qwen, grounder, loader.dataset, vis, folder, device, autocast)
+        print(f"overlays: {folder}", flush=True)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------- command line
 
 def load_run(ckpt_path, device):
-    """Checkpoint -> (grounder, tokenizer, Config): the VLM named in the saved config, the head from the checkpoint."""
-    import train  # the config and the frozen-model builder live with the trainer
-    if not os.path.isfile(ckpt_path):
-        raise SystemExit(f"{ckpt_path}: no such checkpoint")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    cfg = train.config_from_dict(ckpt["config"], ckpt_path)
-    qwen, tokenizer = train.build_qwen(cfg, device)
-    head = model.load_head(model.MaskHead(**ckpt["head_kwargs"]), ckpt["head"]).to(device)
-    return model.Grounder(qwen, head).eval(), tokenizer, cfg
+    """Checkpoint -> (qwen, grounder, tokenizer, Config): the VLM named in the saved config, the trained modules from
+    the checkpoint."""
+    ckpt = build.load_checkpoint(ckpt_path)
+    cfg = build.config_from_dict(ckpt["config"], ckpt_path)
+    qwen, tokenizer = build.build_qwen(cfg, device)
+    grounder = heads.load_state(build.build_grounder(ckpt["grounder_kwargs"]), ckpt["grounder"], ckpt_path)
+    return qwen, grounder.to(device).eval(), tokenizer, cfg
 
 
-def predict_image(grounder, tokenizer, cfg, path, text, out_path):
-    """One picture (EXIF orientation applied, as a viewer shows it) and one expression -> overlay PNG."""
-    image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+def predict_image(qwen, grounder, tokenizer, cfg, image, text, device, out_path):
+    """One picture (PIL, EXIF orientation applied) and one expression -> bool mask; writes an overlay PNG."""
     pixel_values, grid = qwen_inputs.patchify(image, cfg.min_pixels, cfg.max_pixels)
     sample = dict(qwen_inputs.build_inputs(tokenizer, grid, [text]), pixel_values=pixel_values, image_grid_thw=grid)
-    (mask,) = predict(grounder, qwen_inputs.collate([sample]), [(image.height, image.width)])
+    batch = model.to_device(qwen_inputs.collate([sample]), device)
+    (mask,) = predict(qwen, grounder, batch, [(image.height, image.width)])
     Image.fromarray(overlay(np.asarray(image), mask.cpu().numpy(), None, text)).save(out_path)
     return mask
+
+
+def open_image(path):
+    """A picture as a viewer shows it (EXIF orientation applied), RGB; one clear line for a missing or broken file."""
+    try:
+        with Image.open(path) as f:
+            return ImageOps.exif_transpose(f).convert("RGB")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--image {path}: cannot read it as an image ({type(e).__name__}: {e})")
+
+
+def _slug(text):
+    return "".join(c if c.isalnum() else "_" for c in text.strip())[:40].strip("_")
 
 
 def main():
@@ -212,75 +307,68 @@ def main():
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--split", nargs="*", help="names of the config's test_data splits to score (default all)")
     parser.add_argument("--protocol", choices=["standard", "flmm"], help="default: the run's config")
-    parser.add_argument("--out", help="write the metrics as JSON here")
-    parser.add_argument("--vis", type=int, default=0, help="write this many overlay PNGs per split")
+    parser.add_argument("--out", help="write the metrics as JSON here (with --image: the overlay PNG)")
+    parser.add_argument("--vis", type=int, default=0, help="write overlay PNGs of this many scenes per split")
     parser.add_argument("--batch_size", type=int, default=0, help="default: the run's batch_size")
+    parser.add_argument("--coarse", action="store_true", help="score the U-Net's masks, not the refiner's")
     parser.add_argument("--baselines", action="store_true",
                         help="also score a random object of each image, and the constant-phrase ablation if trained")
     parser.add_argument("--image", help="predict one picture (with --text) and write an overlay PNG")
-    parser.add_argument("--text")
+    parser.add_argument("--text", help="the expression to ground in --image")
     args = parser.parse_args()
-    import train  # the config, the frozen-model builder and the torchrun setup live with the trainer
-    rank, world, device = train.init_distributed()
-    grounder, tokenizer, cfg = load_run(args.ckpt, device)
+    # everything that can be checked without the model, before it loads
+    ckpt = build.load_checkpoint(args.ckpt)
     out_dir = os.path.dirname(os.path.abspath(args.ckpt))
-    if args.image:
-        if not args.text:
-            raise SystemExit("--image needs --text: the expression to ground")
-        out_path = os.path.join(out_dir, os.path.splitext(os.path.basename(args.image))[0] + "_pred.png")
-        mask = predict_image(grounder, tokenizer, cfg, args.image, args.text, out_path)
-        print(f"{args.image}: {int(mask.sum())} pixels for {args.text!r} -> {out_path}")
-        return
+    if args.image is not None:
+        if args.text is None or not args.text.strip():
+            raise SystemExit(f"--image needs a non-empty --text (the expression to ground), got {args.text!r}")
+        image = open_image(args.image)
+        out_path = args.out or os.path.join(
+            out_dir, f"{os.path.splitext(os.path.basename(args.image))[0]}_{_slug(args.text)}.png")
+    elif args.text is not None:
+        raise SystemExit("--text needs --image: the picture to ground it in")
+    cfg = build.config_from_dict(ckpt["config"], args.ckpt)
     cfg.protocol = args.protocol or cfg.protocol
     cfg.batch_size = args.batch_size or cfg.batch_size
-    autocast = train.autocast_for(cfg, device)
     specs = [s for s in cfg.test_data or cfg.val_data if not args.split or data.spec_name(s) in args.split]
-    if not specs:
+    if not specs and args.image is None:
         known = [data.spec_name(s) for s in cfg.test_data or cfg.val_data]
         raise SystemExit(f"--split {args.split}: none of the run's splits {known}")
-    results = {}
-    constant = os.path.join(out_dir, "constant_phrase", "ckpt.pt")  # written by train.py baselines=true
-    ablation = None
-    if args.baselines and os.path.isfile(constant):  # its own config: every expression becomes its constant phrase
-        ablation, ablation_tokenizer, ablation_cfg = load_run(constant, device)
-        ablation_cfg.protocol, ablation_cfg.batch_size = cfg.protocol, cfg.batch_size
-        ablation_loaders = train.build_val_loaders(ablation_cfg, ablation_tokenizer, specs)
-    for name, (loader, spec) in train.build_val_loaders(cfg, tokenizer, specs).items():
-        results[name] = evaluate(grounder, loader, device, spec["kind"], autocast)
-        if ablation is not None:
-            results[f"{name} (constant phrase)"] = evaluate(ablation, ablation_loaders[name][0], device, spec["kind"],
-                                                            autocast)
-        if args.baselines and spec["kind"] == "refer" and rank == 0:
-            results[f"{name} (random object)"] = random_object_metrics(spec, cfg.protocol, cfg.seed)
-        if args.vis and rank == 0:
+    if args.image is None:
+        build.check_data(cfg, specs)
+
+    rank, world, device = build.init_distributed()
+    qwen, grounder, tokenizer, _ = load_run(args.ckpt, device)
+    if args.image is not None:
+        mask = predict_image(qwen, grounder, tokenizer, cfg, image, args.text, device, out_path)
+        print(f"{args.image}: {int(mask.sum())} pixels for {args.text!r} -> {out_path}")
+        return
+    autocast = build.autocast_for(cfg, device)
+    loaders = build.build_val_loaders(cfg, tokenizer, specs)
+    results = evaluate_all(qwen, grounder, loaders, device, autocast, coarse=args.coarse)
+    constant_path, constant = os.path.join(out_dir, "constant_phrase", "ckpt.pt"), None  # train.py baselines=true
+    if args.baselines and os.path.isfile(constant_path):  # its own config: every expression is its constant phrase
+        qwen_c, grounder_c, tokenizer_c, cfg_c = load_run(constant_path, device)
+        cfg_c.protocol, cfg_c.batch_size = cfg.protocol, cfg.batch_size
+        constant = evaluate_all(qwen_c, grounder_c, build.build_val_loaders(cfg_c, tokenizer_c, specs), device,
+                                autocast, coarse=args.coarse)
+    if args.vis and rank == 0:
+        for name, (loader, _) in loaders.items():
             folder = os.path.join(out_dir, "vis", name)
-            write_overlays(grounder, loader.dataset, args.vis, folder, autocast)
+            write_overlays(qwen, grounder, loader.dataset, args.vis, folder, device, autocast)
             print(f"overlays: {folder}")
     if rank == 0:
-        print(f"{args.ckpt} | protocol {cfg.protocol}")
-        print_table(results)
+        print(f"{args.ckpt} | protocol {cfg.protocol} | {'coarse (U-Net)' if args.coarse else 'final'} masks")
+        if args.baselines:
+            results = baselines_table(specs, cfg.protocol, cfg.seed, results, constant)
+        else:
+            print_table(results)
         if args.out:
             with open(args.out, "w") as f:
-                json.dump(dict(ckpt=args.ckpt, protocol=cfg.protocol, results=results), f, indent=1)
+                json.dump(dict(ckpt=args.ckpt, protocol=cfg.protocol, coarse=args.coarse, results=results), f,
+                          indent=1)
     if world > 1:
         dist.destroy_process_group()
-
-
-def write_overlays(grounder, dataset, n, folder, autocast=contextlib.nullcontext()):
-    """The first n samples of a dataset: one PNG per phrase with the expression, prediction and truth."""
-    os.makedirs(folder, exist_ok=True)
-    for i in range(min(n, len(dataset))):
-        sample = dataset[i]
-        if sample is None:  # unreadable (skip_bad)
-            continue
-        batch = qwen_inputs.collate([sample])
-        with autocast:
-            preds = predict(grounder, batch, gt_sizes(batch))
-        with Image.open(os.path.join(dataset.image_dir, sample["file_name"])) as f:
-            image = np.asarray(f.convert("RGB"))
-        for k, (p, g, phrase) in enumerate(zip(preds, sample["gt_masks"], sample["phrases"])):
-            picture = overlay(image, p.cpu().numpy(), g.numpy(), phrase)
-            Image.fromarray(picture).save(os.path.join(folder, f"{i:04d}_{k}.png"))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ masks, train/val/testA/testB, deterministic from a seed.
 
     make_synthetic(root) -> root/synthetic/{refs(unc).p, instances.json, meta.json}, root/images/*.png
     data.load_refer(root, "synthetic", "unc", "val") reads it like RefCOCO.
+    build_tiny_qwen(out_dir, synthetic_texts()) -> a random tiny Qwen2.5-VL checkpoint that model.load_qwen loads.
 """
 import json
 import os
@@ -15,7 +16,9 @@ from itertools import combinations, product
 
 import numpy as np
 import pycocotools.mask as mask_utils
+import torch
 from PIL import Image
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from data import decode_mask
 
@@ -164,3 +167,57 @@ def make_synthetic(root, seed=0, num_train=400, num_val=50, num_test=50, size=22
 def _load_meta(path):
     with open(path) as f:
         return json.load(f)
+
+
+# ------------------------------------------------------------------------------------- the tiny VLM
+
+# Qwen's special tokens, in Qwen's order (151643 ...); the tiny tokenizer appends them after its BPE vocab.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWEN_PRETOKENIZE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def build_tiny_qwen(out_dir, texts, *, seed=0, hidden=128, layers=4, heads=4, kv_heads=2, vision_hidden=64,
+                    vision_depth=2, vocab_size=512, init_std=0.02):
+    """Write a random tiny Qwen2.5-VL and a BPE tokenizer trained on `texts` to `out_dir` (offline, seeded).
+
+    The result loads with `load_qwen(out_dir)` like a real checkpoint: same classes, same chat layout, same
+    special tokens (at other ids). head_dim = hidden // heads; mrope_section splits head_dim/2 as 1:1.5:1.5.
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model_json = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_json["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=model_json["vocab"], merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = hidden // heads
+    section = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]
+    section[0] += head_dim // 2 - sum(section)
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=4096, rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                                                            mrope_section=section),
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], initializer_range=init_std),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
+                           num_heads=max(1, vision_hidden // 32), out_hidden_size=hidden, window_size=112,
+                           fullatt_block_indexes=[vision_depth - 1], initializer_range=init_std),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    qwen = Qwen2_5_VLForConditionalGeneration(cfg)
+    os.makedirs(out_dir, exist_ok=True)
+    qwen.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -288,7 +288,7 @@ def test_loader_with_workers(tmp_path, tokenizer):
     for epoch in (0, 1, 0):  # the workers persist: the epoch must still reach them
         data.set_epoch(loader, epoch)
         batches = list(loader)
-        assert sum(len(b["ids"]) for b in batches) == len(ds) and all(b["num_skipped"] == 0 for b in batches)
+        assert sum(len(b["ids"]) for b in batches) == len(ds) and all(b["skipped"] == [] for b in batches)
         b = batches[0]
         assert b["input_ids"].shape == b["mask_ids"].shape == b["attention_mask"].shape and b["input_ids"].shape[0] == 4
         assert b["image_grid_thw"].shape == (4, 3) and isinstance(b["masks"], list) and len(b["masks"]) == 4
@@ -345,7 +345,7 @@ def test_bad_input_skipped_and_counted(tmp_path, tokenizer):
     assert any("ref_id 106" in m for m in ds.skipped) and any("missing.jpg" in m for m in ds.skipped)
     loader = data.build_loader(ds, 2, num_workers=2)
     batches = list(loader)
-    assert sum(b["num_skipped"] for b in batches) == 2  # the corrupt image and the extreme one, found in workers
+    assert sum(len(b["skipped"]) for b in batches) == 2  # the corrupt image and the extreme one, found in workers
     assert sorted(p for b in batches for ps in b.get("phrases", []) for p in ps) == ["left box", "the two blocks"]
 
 

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
 
+import head as heads
 import model
 import qwen_inputs as qi
 
@@ -23,7 +24,7 @@ def make_sample(tokenizer, size, phrases, seed=0):
     masks = torch.zeros(len(phrases), gh * 14, gw * 14)
     for k in range(len(phrases)):  # a different rectangle per phrase
         masks[k, k * 7:gh * 7 + k * 7, gw * 3:] = 1
-    return dict(sample, masks=masks)
+    return dict(sample, masks=masks, supervised=[True] * len(phrases))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,8 @@ def test_vision_features_follow_the_model(tiny_qwen):
     _, qwen, tokenizer = tiny_qwen
     b = qi.collate([make_sample(tokenizer, (168, 252), ["zebra"]),
                     make_sample(tokenizer, (252, 196), ["two trees"], seed=1)])
-    maps, feats = model.phrase_attention(qwen, b, vision=True)
+    out = model.frozen_outputs(qwen, b, vision=True)
+    maps, feats = out["maps"], out["vision"]
     vis = qwen.model.visual
     assert len(feats) == 2 and not vis.merger._forward_pre_hooks
     with torch.no_grad():
@@ -97,7 +99,7 @@ def test_vision_features_are_raster(tiny_qwen):
     bare = copy.deepcopy(qwen)
     bare.model.visual.blocks = torch.nn.ModuleList()
     sample = make_sample(tokenizer, (168, 252), ["zebra"])
-    _, (feats,) = model.phrase_attention(bare, qi.collate([sample]), vision=True)
+    (feats,) = model.frozen_outputs(bare, qi.collate([sample]), vision=True)["vision"]
     rgb = np.asarray(Image.fromarray(np.random.default_rng(0).integers(0, 256, (168, 252, 3), dtype=np.uint8)))
     x = ((rgb.astype(np.float64) / 255).astype(np.float32) - qi.CLIP_MEAN) / qi.CLIP_STD  # (H, W, 3)
     x = torch.from_numpy(x.reshape(12, 14, 18, 14, 3).transpose(0, 2, 4, 1, 3).copy())  # (gh, gw, 3, 14, 14)
@@ -110,7 +112,7 @@ def test_vision_features_are_raster(tiny_qwen):
 @pytest.mark.parametrize("vision", [0, 24])
 def test_mask_head_shapes(vision):
     torch.manual_seed(0)
-    head = model.MaskHead(in_channels=16, base=8, vision_channels=vision)
+    head = heads.MaskHead(in_channels=16, base=8, vision_channels=vision)
     grids = [(5, 9), (9, 5), (5, 9), (1, 1), (40, 3)]  # (gh/2, gw/2): grouped by size, any aspect
     maps = [torch.rand(16, h, w) for h, w in grids]
     feats = [torch.randn(vision, 2 * h, 2 * w) for h, w in grids] if vision else None
@@ -125,14 +127,14 @@ def test_mask_head_shapes(vision):
 
 
 def test_head_size_and_checkpoint_keys():
-    counts = {c: sum(p.numel() for p in model.MaskHead(in_channels=c).parameters()) for c in (576, 784)}
+    counts = {c: sum(p.numel() for p in heads.MaskHead(in_channels=c).parameters()) for c in (576, 784)}
     assert 7e6 < counts[576] < counts[784] < 13e6, counts
-    head = model.MaskHead(in_channels=16, base=8)
-    model.load_head(model.MaskHead(in_channels=16, base=8), head.state_dict())
+    head = heads.MaskHead(in_channels=16, base=8)
+    heads.load_state(heads.MaskHead(in_channels=16, base=8), head.state_dict(), "head")
     state = dict(head.state_dict(), **{"module.out.bias": torch.zeros(1)})  # a DDP-wrapped head's key
     del state["out.bias"]
     with pytest.raises(KeyError, match=r"missing \['out.bias'\], unexpected \['module.out.bias'\]"):
-        model.load_head(model.MaskHead(in_channels=16, base=8), state)
+        heads.load_state(heads.MaskHead(in_channels=16, base=8), state, "head")
 
 
 @pytest.mark.parametrize("vision", [False, True])
@@ -140,19 +142,17 @@ def test_training_steps_touch_only_the_head(tiny_qwen, batch, vision):
     _, qwen, _ = tiny_qwen
     text, before = qwen.config.text_config, {k: v.clone() for k, v in qwen.state_dict().items()}
     torch.manual_seed(0)
-    head = model.MaskHead(in_channels=text.num_hidden_layers * text.num_attention_heads, base=8,
+    head = heads.MaskHead(in_channels=text.num_hidden_layers * text.num_attention_heads, base=8,
                           vision_channels=qwen.config.vision_config.hidden_size if vision else 0)
-    grounder = model.Grounder(qwen, head)
-    assert list(grounder.parameters()) == list(head.parameters())
+    grounder = heads.Grounder(head)
     assert all(k.startswith("head.") for k in grounder.state_dict())
     head_before = [p.detach().clone() for p in head.parameters()]
-    optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(grounder.parameters(), lr=3e-3)
     losses = []
     for _ in range(6):
-        logits, masks = grounder.supervised(batch, "cpu")
-        assert [x.shape for x in logits] == [m.shape for m in masks]
-        loss, parts = grounder.loss(logits, masks)
-        assert torch.allclose(loss, parts["bce"] + parts["dice"])
+        out = grounder(model.frozen_outputs(qwen, batch, vision=vision))
+        assert [x.shape for x in out["coarse"]] == [m.shape for ms in batch["masks"] for m in ms]
+        loss = sum(heads.phrase_losses(out, batch).values()).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
