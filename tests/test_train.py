@@ -317,3 +317,82 @@ def test_bench_runs(tmp_path, monkeypatch):
                 "train_step_time_vs_floor", "train_samples_per_s", "loader_samples_per_s"):
         assert 0 < res[key] < float("inf"), key
     assert set(res["forward_batch1"]) >= {"floor", "ours", "ours_no_capture", "flmm", "seq_len", "image_tokens"}
+
+
+def test_grad_accum_equals_one_batch_of_twice_the_size(tiny_qwen, synthetic_root, tmp_path):
+    """The loss of a step is the sum over its phrases divided by the step's phrase count, so 2 x 2 images equal
+    4 images in one micro-batch (the same samples in the same steps; equal up to float summation order)."""
+    runs = {}
+    for name, bs, accum in (("one", 4, 1), ("accum", 2, 2)):
+        cfg = tiny_config(tiny_qwen[0], synthetic_root, tmp_path / name, batch_size=bs, grad_accum=accum, max_steps=4,
+                          vis_samples=0, vis_every=0)
+        runs[name] = train.train(cfg, torch.device("cpu"))[1].state_dict()
+    torch.manual_seed(1)
+    init = train.build.build_grounder(torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["grounder_kwargs"])
+    assert any(not torch.allclose(init.state_dict()[k], runs["one"][k]) for k in runs["one"])  # it trained
+    for k in runs["one"]:
+        assert torch.allclose(runs["one"][k], runs["accum"][k], atol=2e-5), k
+
+
+def test_summarize_grefcoco_and_png_on_known_rows():
+    def row(inter, union, area, **flags):
+        return (inter, union, dict(dict(no_target=False, isthing=True, plural=False, supervised=True), **flags), area)
+    # gRefCOCO: three no-target expressions (two predicted empty: right; one not: wrong); of the three with a
+    # target, one is predicted empty (wrong)
+    rows = [row(0, 0, 0, no_target=True), row(0, 0, 0, no_target=True), row(0, 5, 5, no_target=True),
+            row(4, 8, 6), row(2, 4, 3), row(0, 3, 0)]
+    m = evaluation.summarize(rows, "grefcoco")
+    assert m["N-acc"] == pytest.approx(200 / 3) and m["T-acc"] == pytest.approx(200 / 3)
+    assert m["cIoU"] == pytest.approx(100 * 6 / 20) and m["mIoU"] == pytest.approx(100 * (1 + 1 + 0 + 0.5 + 0.5) / 6)
+    # PNG: things are recalled perfectly, stuff never; plural rows are the stuff ones; unsupervised rows do not count
+    rows = [row(10, 10, 10), row(10, 10, 10), row(0, 10, 5, isthing=False, plural=True),
+            row(5, 10, 5, isthing=False, plural=True, supervised=False)]
+    m = evaluation.summarize(rows, "png")
+    # (the benchmark's sum counts IoU 0 as recalled at threshold 0: 0.001 for a miss, 99.999 for a hit)
+    assert m["n"] == 3 and m["AR_things"] == pytest.approx(100, abs=2e-3) and m["AR_stuff"] == pytest.approx(0, abs=2e-3)
+    assert m["AR_singular"] == pytest.approx(100, abs=2e-3) and m["AR_plural"] == pytest.approx(0, abs=2e-3)
+    assert m["AR"] == pytest.approx(200 / 3, abs=2e-3)
+
+
+# --------------------------------------------------------------------------------------------- loud errors
+
+def test_run_errors_are_loud(tiny_qwen, synthetic_root, tmp_path):
+    cpu = torch.device("cpu")
+    with pytest.raises(SystemExit, match="resume=true but .*ckpt.pt does not exist"):
+        train.train(tiny_config(tiny_qwen[0], synthetic_root, tmp_path / "none", resume=True), cpu)
+    with pytest.raises(SystemExit, match="resume must be bool, got 'yes'"):
+        build.load_config(None, ["resume=yes"])
+    with pytest.raises(SystemExit, match=r"dtype must be one of \('bfloat16', 'float16', 'float32'\), got 'bf16'"):
+        build.load_config(None, ["dtype=bf16"])
+    # 8 training images, batch 16: no full step, with or without max_steps
+    with pytest.raises(SystemExit, match="8 training images make no full step of batch_size 16"):
+        train.train(tiny_config(tiny_qwen[0], synthetic_root, tmp_path / "small", batch_size=16, max_steps=3), cpu)
+    # missing data: named before any model loads (the model path does not exist either, and is never reached)
+    missing = tiny_config("no/such/model", str(tmp_path / "nodata"), tmp_path / "missing")
+    with pytest.raises(SystemExit, match=r"data not found.*\n  synthetic_train: .*nodata/synthetic/refs\(unc\).p"):
+        train.train(missing, cpu)
+    # a checkpoint written by 2 processes cannot be resumed by 1 (the data order depends on it)
+    cfg = tiny_config(tiny_qwen[0], synthetic_root, tmp_path / "run", max_steps=2, vis_samples=0)
+    train.train(cfg, cpu)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    train.save_checkpoint(str(tmp_path / "run" / "ckpt.pt"), dict(ckpt, world=2))
+    with pytest.raises(SystemExit, match="written by 2 process.*this run has 1"):
+        train.train(build.config_from_dict(dict(vars(cfg), resume=True)), cpu)
+    # a fresh run in an old out_dir starts a fresh log
+    train.train(cfg, cpu)
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl")] == [1, 2]
+
+
+def test_eval_refuses_what_is_not_a_checkpoint(trained, tmp_path, monkeypatch):
+    yaml_file = tmp_path / "demo.yaml"
+    yaml_file.write_text("model: tiny\n")
+    no_config = tmp_path / "weights.pt"
+    torch.save({"head": {}}, no_config)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(trained, "rb").read()[:5000])
+    for path, message in ((yaml_file, "not a train.py checkpoint \\(not a torch zip file"),
+                          (no_config, r"not a train.py checkpoint \(needs keys"),
+                          (truncated, "not a train.py checkpoint|unreadable checkpoint"),
+                          (tmp_path / "nothing.pt", "no such checkpoint")):
+        with pytest.raises(SystemExit, match=message):
+            run_eval(monkeypatch, "--ckpt", str(path))
