@@ -39,6 +39,8 @@ class Config:
     val_data: list = field(default_factory=list)  # specs scored by the periodic eval and at the end
     test_data: list = field(default_factory=list)  # specs eval.py scores (default: val_data)
     protocol: str = "standard"  # eval protocol: standard (every sentence) or flmm (first sentence, per image)
+    layout: str = "image"  # training sequences: image (all objects of an image in one) or sentence (one per object,
+    # as the standard eval protocol and cache.py lay them out)
     constant_phrase: str = ""  # ablation: every expression replaced by this text (no language -> saliency only)
     min_pixels: int = 3136  # smart_resize bounds, as Qwen2.5-VL-Instruct's preprocessor_config.json
     max_pixels: int = 12845056
@@ -108,6 +110,8 @@ def config_from_dict(raw, where="config"):
     cfg = Config(**out)
     if cfg.dtype not in DTYPES:
         raise SystemExit(f"{where}: dtype must be one of {DTYPES}, got {cfg.dtype!r}")
+    if cfg.layout not in ("image", "sentence"):
+        raise SystemExit(f"{where}: layout must be image or sentence, got {cfg.layout!r}")
     if cfg.protocol not in ("standard", "flmm"):
         raise SystemExit(f"{where}: protocol must be standard or flmm, got {cfg.protocol!r}")
     for key in ("batch_size", "grad_accum"):
@@ -191,6 +195,8 @@ def build_grounder(kwargs):
 def extract(qwen, grounder, batch):
     """What the grounder reads from the frozen models for one batch on the device: model.frozen_outputs with the
     vision features and hidden states it needs (+ SAM's image embeddings with a refiner)."""
+    if "frozen" in batch:  # read from cache.py's files (to_device moved it): the frozen models never ran
+        return batch["frozen"]
     grounder = getattr(grounder, "module", grounder)  # DDP-wrapped or not
     return model.frozen_outputs(qwen, batch, vision=grounder.head.vision_channels > 0)
 
@@ -207,7 +213,7 @@ def check_data(cfg, specs):
 def build_dataset(cfg, tokenizer, spec, train):
     return data.build_dataset(spec, tokenizer, train=train, protocol=cfg.protocol, min_pixels=cfg.min_pixels,
                               max_pixels=cfg.max_pixels, skip_bad=cfg.skip_bad, max_length=cfg.max_length,
-                              seed=cfg.seed, constant_phrase=cfg.constant_phrase or None)
+                              seed=cfg.seed, constant_phrase=cfg.constant_phrase or None, layout=cfg.layout)
 
 
 def build_train_loader(cfg, tokenizer):

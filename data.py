@@ -247,7 +247,10 @@ class GroundingDataset(Dataset):
 
     def __init__(self, items, tokenizer, *, image_dir, min_pixels=qwen_inputs.MIN_PIXELS,
                  max_pixels=qwen_inputs.MAX_PIXELS, max_length=None, sep="\n", seed=0, skip_bad=False, skipped=None,
-                 constant_phrase=None):
+                 constant_phrase=None, layout="image"):
+        if layout not in ("image", "sentence"):
+            raise ValueError(f"layout must be image or sentence, got {layout!r}")
+        self.layout = layout  # image: all of an item's phrases in one sequence; sentence: each its own sequence
         self.skipped = [] if skipped is None else skipped  # load-time skips, messages
         start, self.items = len(self.skipped), []
         for item in items:
@@ -309,11 +312,20 @@ class GroundingDataset(Dataset):
         sample = qwen_inputs.build_inputs(self.tokenizer, image_grid_thw, phrases, sep=self.sep,
                                           max_length=self.max_length)
         flags = {key: [e[key] for e in item["entries"]] for key in ("supervised", "no_target", "isthing", "plural")}
-        return dict(sample, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                    masks=resize_masks(gt, gh * qwen_inputs.PATCH, gw * qwen_inputs.PATCH),
-                    gt_masks=torch.from_numpy(gt), phrases=phrases,
-                    ids=[e["ids"][k] for e, k in zip(item["entries"], picks)],
-                    image_id=item["image_id"], file_name=item["file_name"], **flags)
+        out = dict(sample, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                   masks=resize_masks(gt, gh * qwen_inputs.PATCH, gw * qwen_inputs.PATCH),
+                   gt_masks=torch.from_numpy(gt), phrases=phrases,
+                   ids=[e["ids"][k] for e, k in zip(item["entries"], picks)],
+                   image_id=item["image_id"], file_name=item["file_name"], **flags)
+        return out if self.layout == "image" else self._per_sentence(out)
+
+    def _per_sentence(self, out):
+        """One sample of K phrases -> K samples of one phrase each, each its own token sequence on the same image
+        (the layout of the standard eval protocol, and of cache.py's extraction)."""
+        per_phrase = ("masks", "gt_masks", "phrases", "ids", "supervised", "no_target", "isthing", "plural")
+        return [dict(out, **qwen_inputs.build_inputs(self.tokenizer, out["image_grid_thw"], [phrase],
+                                                     max_length=self.max_length),
+                     **{key: out[key][k:k + 1] for key in per_phrase}) for k, phrase in enumerate(out["phrases"])]
 
 
 SPEC_KEYS = {"refer": {"data_root", "dataset", "split_by", "split", "image_dir"},
@@ -346,10 +358,12 @@ def spec_files(spec):
 
 
 def build_dataset(spec, tokenizer, *, train, protocol="standard", min_pixels=qwen_inputs.MIN_PIXELS,
-                  max_pixels=qwen_inputs.MAX_PIXELS, skip_bad=False, max_length=None, seed=0, constant_phrase=None):
+                  max_pixels=qwen_inputs.MAX_PIXELS, skip_bad=False, max_length=None, seed=0, constant_phrase=None,
+                  layout="image"):
     """A GroundingDataset from a YAML dict: {kind: refer|grefcoco|png, ...the loader's paths..., image_dir}.
-    train=True draws one sentence per object per epoch, all objects of an image in one sample; otherwise
-    `protocol` ("standard" or "flmm") decides. PNG is one sample per narrative either way."""
+    train=True draws one sentence per object per epoch, all objects of an image in one sample (layout="image": one
+    token sequence; "sentence": one sequence per object); otherwise `protocol` ("standard" or "flmm") decides.
+    PNG is one sample (one sequence) per narrative either way."""
     spec_files(spec)  # validates the spec
     kind = spec["kind"]
     skipped = []
@@ -364,7 +378,8 @@ def build_dataset(spec, tokenizer, *, train, protocol="standard", min_pixels=qwe
     items = records if kind == "png" else refer_items(records, "train" if train else protocol)
     return GroundingDataset(items, tokenizer, image_dir=spec["image_dir"], min_pixels=min_pixels,
                             max_pixels=max_pixels, max_length=max_length, sep=" " if kind == "png" else "\n",
-                            seed=seed, skip_bad=skip_bad, skipped=skipped, constant_phrase=constant_phrase)
+                            seed=seed, skip_bad=skip_bad, skipped=skipped, constant_phrase=constant_phrase,
+                            layout=layout if train and kind != "png" else "image")
 
 
 # ------------------------------------------------------------------------------------------------ loader
@@ -372,6 +387,7 @@ def build_dataset(spec, tokenizer, *, train, protocol="standard", min_pixels=qwe
 def collate_skip(samples):
     """qwen_inputs.collate without the unreadable samples (skip_bad); batch["skipped"] lists their files. A batch
     whose samples all failed is {"skipped": [...]} alone: skip the step, but count the files."""
+    samples = [s for x in samples for s in (x if isinstance(x, list) else [x])]  # sentence layout: lists
     kept = [s for s in samples if "bad" not in s]
     batch = qwen_inputs.collate(kept) if kept else {}
     batch["skipped"] = [s["bad"] for s in samples if "bad" in s]

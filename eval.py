@@ -67,11 +67,11 @@ def average_recall(ious):
 def predict(qwen, grounder, batch, sizes, coarse=False):
     """Batch (on the device) -> one bool mask per phrase (batch order, then phrase order), upsampled to its image's
     original size; sizes: one (H, W) per sample. The refined masks when the grounder has a refiner, unless coarse."""
-    out = grounder(build.extract(qwen, grounder, batch))
+    frozen = build.extract(qwen, grounder, batch)
+    out = grounder(frozen)
     logits = out["coarse" if coarse or "refined" not in out else "refined"]
-    per_phrase = [hw for hw, k in zip(sizes, qwen_inputs.phrase_counts(batch), strict=True) for _ in range(k)]
-    return [F.interpolate(x[None, None].float(), size=hw, mode="bilinear", align_corners=False)[0, 0] > 0
-            for x, hw in zip(logits, per_phrase, strict=True)]
+    return [F.interpolate(x[None, None].float(), size=sizes[i], mode="bilinear", align_corners=False)[0, 0] > 0
+            for x, i in zip(logits, frozen["phrase_image"], strict=True)]
 
 
 def gt_sizes(batch):
@@ -89,7 +89,7 @@ def evaluate(qwen, grounder, loader, device, kind="refer", autocast=contextlib.n
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
-        if "input_ids" not in batch:  # every sample of the batch was unreadable (skip_bad)
+        if "phrases" not in batch:  # every sample of the batch was unreadable (skip_bad)
             continue
         batch = model.to_device(batch, device, model.DEVICE_KEYS + ("gt_masks",))
         with autocast:

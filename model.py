@@ -3,11 +3,15 @@
 frozen_outputs runs one forward of the frozen VLM on PyTorch SDPA (flash / cuDNN / memory-efficient kernels on
 CUDA; never an S x S map) and returns, per phrase, the softmax attention from its tokens to the image tokens in
 every layer and head (F-LMM, CVPR 2025), plus what the mask head and the SAM refiner read (head.py trains on them).
+Families: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE (load_qwen picks the class by the checkpoint's model_type);
+shard=True spreads a model too large for one GPU over the ranks of a torchrun job with FSDP2 (shard_qwen).
 """
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-from transformers import AttentionInterface
+from transformers import (AttentionInterface, AutoTokenizer, PretrainedConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2VLForConditionalGeneration, Qwen3VLForConditionalGeneration,
+                          Qwen3VLMoeForConditionalGeneration)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.vision_utils import get_vision_window_index
@@ -17,15 +21,53 @@ import qwen_inputs
 MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 DEVICE_KEYS = MODEL_INPUTS + ("masks", "sam_pixel_values", "sam_masks")  # what a training step reads on the device
 HOST_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "mask_ids")  # CPU-side indices
+# the checkpoint's config.json model_type -> its class (all in transformers itself: no remote code)
+FAMILIES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+            "qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}
 
 
-def load_qwen(name_or_path, dtype=torch.bfloat16, device="cuda"):
-    """A frozen Qwen2_5_VLForConditionalGeneration (eval, no grad, `use_fast_attention`) and its tokenizer, from a
-    local directory or a Hub id. Never trust_remote_code: everything used is in transformers itself."""
-    qwen = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
-    use_fast_attention(qwen)
-    qwen.requires_grad_(False).eval().to(device)
-    return qwen, AutoTokenizer.from_pretrained(name_or_path)
+def load_qwen(name_or_path, dtype=torch.bfloat16, device="cuda", shard=False):
+    """A frozen Qwen VLM (eval, no grad, `use_fast_attention`) and its tokenizer, from a local directory or a Hub id;
+    the class is chosen by the checkpoint's model_type (FAMILIES). Never trust_remote_code: everything used is in
+    transformers itself. The tokenizer carries `tokenizer.image_settings`: the checkpoint's own patchify keyword
+    arguments (qwen_inputs.image_settings). shard=True (inside an initialised torchrun process group): every rank
+    holds 1/world of the weights on `device` (shard_qwen); the ranks read the checkpoint one after another, so the
+    host needs the memory of one full copy at a time."""
+    model_type = PretrainedConfig.get_config_dict(name_or_path)[0].get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"{name_or_path}: model_type {model_type!r} is not a supported Qwen VLM; supported: "
+                         f"{sorted(FAMILIES)}")
+    if shard and not dist.is_initialized():
+        raise ValueError("load_qwen(shard=True) needs the torchrun process group (build.init_distributed) first")
+    for turn in range(dist.get_world_size() if shard else 1):
+        if not shard or turn == dist.get_rank():
+            qwen = FAMILIES[model_type].from_pretrained(name_or_path, dtype=dtype)
+            use_fast_attention(qwen).requires_grad_(False).eval()
+            if shard:
+                shard_qwen(qwen, device)
+            else:
+                qwen.to(device)
+        if shard:
+            dist.barrier()
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer.image_settings = qwen_inputs.image_settings(name_or_path)
+    return qwen, tokenizer
+
+
+def shard_qwen(qwen, device):
+    """FSDP2 over all ranks of the process group, in place: every vision block, the vision tower (its patch
+    embedding and mergers), every decoder layer, the base model (embeddings, final norm) and the root (lm_head) are
+    units whose weights are all-gathered just before their forward and freed after it. Each rank keeps its own batch
+    and sees every head (unlike tensor parallelism). The vision tower must be a unit of its own: otherwise calling
+    `qwen.model` (as frozen_outputs does) reaches its convolution with sharded weights."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    device = torch.device(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    units = [*qwen.model.visual.blocks, qwen.model.visual, *qwen.model.language_model.layers, qwen.model, qwen]
+    for unit in units:  # inner units first, as fully_shard requires
+        fully_shard(unit, mesh=mesh)
+    return qwen
 
 
 def use_fast_attention(qwen):
@@ -35,14 +77,22 @@ def use_fast_attention(qwen):
     return qwen
 
 
+def vision_channels(config):
+    """Channels of the vision features frozen_outputs returns (the merger's input): Qwen2-VL calls them embed_dim
+    (its vision hidden_size is the LLM width), the other families hidden_size."""
+    vision = config.vision_config
+    return vision.embed_dim if config.model_type == "qwen2_vl" else vision.hidden_size
+
+
 # ----------------------------------------------------------------------------------------- attention capture
 
 # Two attention functions, registered with transformers' public AttentionInterface and selected per sub-config
 # by use_fast_attention. Both compute the model's output with PyTorch SDPA; neither builds an S x S map.
 CAPTURE_ATTENTION = "sdpa_phrase_capture"  # text: SDPA, plus the phrase rows when frozen_outputs asks for them
-# Vision: transformers passes a whole block's windows as one packed sequence with cu_seqlens only to
-# implementations whose name contains "flash"; stock SDPA instead loops over every window in Python (30 per
-# 640x480 image in each of 28 blocks), which dominates a batched forward on a GPU.
+# Vision: transformers passes a whole block's windows (Qwen2.5-VL) or images (Qwen2-VL, Qwen3-VL) as one packed
+# sequence with cu_seqlens only to implementations whose name contains "flash"; stock SDPA instead loops over every
+# window or image in Python (30 windows per 640x480 image in each of Qwen2.5-VL's 32 blocks), which dominates a
+# batched forward on a GPU.
 VISION_ATTENTION = "flash_style_varlen_sdpa"
 
 
@@ -82,8 +132,8 @@ def capture_attention(module, query, key, value, attention_mask, scaling=None, p
 
 def varlen_vision_attention(module, query, key, value, attention_mask=None, scaling=None, cu_seq_lens_q=None,
                             max_length_q=None, **kwargs):
-    """Non-causal attention within each packed sequence of cu_seq_lens_q (the vision tower's windows, or whole
-    images in its full-attention blocks) as one padded SDPA call. query/key/value (1, heads, T, D) ->
+    """Non-causal attention within each packed sequence of cu_seq_lens_q (Qwen2.5-VL's windows, or whole images in
+    its full-attention blocks and in every block of Qwen2-VL and Qwen3-VL) as one padded SDPA call. query/key/value (1, heads, T, D) ->
     ((1, T, heads, D), None), the layout transformers' flash path expects."""
     _, heads, T, D = query.shape
     cu = cu_seq_lens_q.to(query.device, torch.int64)
@@ -114,15 +164,18 @@ def _first_positions(flags):
     return order[:, :valid.shape[1]].masked_fill(~valid, 0), valid
 
 
-def _raster_features(x, grid, visual):
-    """Merger input (num_patches, C_vis) in the vision tower's window order -> one (C_vis, gh, gw) per image.
+def _raster_features(x, grid, visual, windowed):
+    """Merger input (num_patches, C_vis) -> one float32 (C_vis, gh, gw) per image.
 
-    The tower permutes 2x2 merge blocks into window order (`window_index`) before its blocks and un-permutes
-    only after the merger; recompute the same index with transformers' own function and invert it."""
-    window_index, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
-                                              window_size=visual.window_size, patch_size=visual.patch_size)
+    The rows are 2x2 merge blocks in raster order (as patchify writes them), except in Qwen2.5-VL (`windowed`), whose
+    tower permutes the blocks into window order before its blocks and un-permutes only after the merger; there the
+    same index is recomputed with transformers' own function and inverted."""
     unit = visual.spatial_merge_unit
-    x = x.view(-1, unit, x.shape[-1])[torch.argsort(window_index).to(x.device)]  # (blocks, 4, C) merge-block order
+    x = x.view(-1, unit, x.shape[-1])  # (blocks, 4, C)
+    if windowed:
+        window_index, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                                  window_size=visual.window_size, patch_size=visual.patch_size)
+        x = x[torch.argsort(window_index).to(x.device)]  # back to merge-block (raster) order
     feats, start = [], 0
     for t, gh, gw in grid.tolist():
         n = t * gh * gw // unit
@@ -134,14 +187,16 @@ def _raster_features(x, grid, visual):
 
 def to_device(batch, device, keys=DEVICE_KEYS):
     """Move a collated batch to `device` once per step (non_blocking from pinned memory): the tensors (and lists of
-    tensors) named in `keys`. The CPU originals of the index tensors stay under batch["host"], so that
-    frozen_outputs builds its indices without a host sync."""
+    tensors) named in `keys`, and a cached batch's "frozen" outputs. The CPU originals of the index tensors stay
+    under batch["host"], so that frozen_outputs builds its indices without a host sync."""
+    def move(v):  # a tensor, a list of them, or a dict of those (a cached batch's "frozen" outputs)
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [move(x) for x in v]
+        return v.to(device, non_blocking=True) if torch.is_tensor(v) else v
     out = dict(batch, host={k: batch[k] for k in HOST_KEYS if k in batch})
-    for k in keys:
-        if k in batch:
-            v = batch[k]
-            out[k] = [t.to(device, non_blocking=True) for t in v] if isinstance(v, list) else v.to(device,
-                                                                                                   non_blocking=True)
+    out.update({k: move(batch[k]) for k in keys + ("frozen",) if k in batch})
     return out
 
 
@@ -155,7 +210,7 @@ def frozen_outputs(qwen, batch, *, vision=False, hidden_layers=0):
         tokens in raster order over (gh/2, gw/2).
     phrase_image: the batch index of each phrase's image (list of int).
     vision: with vision=True, the vision tower's last-block patch features (before the 2x2 merger), one float32
-        (C_vis, gh, gw) per image; else None.
+        (C_vis, gh, gw) per image (C_vis = vision_channels(qwen.config)); else None.
     hidden: with hidden_layers=n > 0, the outputs of the last n decoder layers at each phrase's tokens, one
         (tokens, n, C) tensor per phrase in the model's dtype (the refiner's text prompt); else None.
 
@@ -168,7 +223,9 @@ def frozen_outputs(qwen, batch, *, vision=False, hidden_layers=0):
     # All index bookkeeping happens on CPU copies (to_device keeps them in batch["host"]): on the GPU every
     # .max()/.any() below would be a host sync inside the training step. Only the small index tensors travel.
     host = {k: batch.get("host", batch)[k].cpu() for k in HOST_KEYS}
-    qwen_inputs.check_inputs(dict(host, pixel_values=batch["pixel_values"]), qwen.config.image_token_id)
+    vis_cfg = qwen.config.vision_config
+    qwen_inputs.check_inputs(dict(host, pixel_values=batch["pixel_values"]), qwen.config.image_token_id,
+                             vis_cfg.in_channels * vis_cfg.temporal_patch_size * vis_cfg.patch_size ** 2)
     device = qwen.device
     if batch["input_ids"].device != device:
         raise ValueError(f"frozen_outputs: the batch is on {batch['input_ids'].device}, the model on {device}; "
@@ -218,7 +275,8 @@ def frozen_outputs(qwen, batch, *, vision=False, hidden_layers=0):
         phrase_image += [b] * k
     out = dict(maps=maps, phrase_image=phrase_image, vision=None, hidden=None)
     if vision:
-        out["vision"] = _raster_features(vis[0], host["image_grid_thw"], qwen.model.visual)
+        out["vision"] = _raster_features(vis[0], host["image_grid_thw"], qwen.model.visual,
+                                         windowed=qwen.config.model_type == "qwen2_5_vl")
     if hidden_layers:
         rows_hidden = torch.stack(hidden, 2)  # (B, R, n, C)
         out["hidden"] = [rows_hidden[b, (row_phrase[b] == p).nonzero().flatten().to(device)]  # (tokens, n, C)

@@ -216,11 +216,11 @@ def train(cfg, device, rank=0, world=1, show_config=True):
             skipped.update(batch["skipped"])
             sync = contextlib.nullcontext() if not ddp or k == cfg.grad_accum - 1 else trained.no_sync()
             with sync:
-                if "input_ids" not in batch:  # every sample of this micro-batch was bad (skip_bad): nothing to learn
+                if "phrases" not in batch:  # every sample of this micro-batch was bad (skip_bad): nothing to learn
                     if ddp:
                         idle_backward(trained, device)
                     continue
-                seen += len(batch["input_ids"])
+                seen += len(batch["phrases"])
                 batch = model.to_device(batch, device)
                 with autocast:
                     out = trained(build.extract(qwen, grounder, batch))
@@ -249,7 +249,7 @@ def train(cfg, device, rank=0, world=1, show_config=True):
             bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.1e}", samples_s=f"{scalars['samples_per_s']:.1f}")
             terms.zero_()
             t0, seen = time.time(), 0
-        if writer is not None and cfg.vis_every and step % cfg.vis_every == 0 and "input_ids" in batch:
+        if writer is not None and cfg.vis_every and step % cfg.vis_every == 0 and "pixel_values" in batch:
             writer.add_image("train/pred_vs_true", evaluation.overlay_grid(batch, out), step, dataformats="HWC")
         if step % cfg.ckpt_every == 0 or last:
             rng = [torch.get_rng_state() for _ in range(world)]
