@@ -20,6 +20,7 @@ import yaml
 import data
 import head as heads
 import model
+import refiner
 import synthetic
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -33,6 +34,8 @@ class Config:
     dtype: str = "bfloat16"  # frozen VLM weights and autocast on CUDA (bfloat16|float16|float32); CPU: float32
     head: dict = field(default_factory=dict)  # MaskHead kwargs beyond the channels (base, size)
     vision_features: bool = False  # also feed the frozen vision tower's patch features to the head's decoder
+    refiner: dict = field(default_factory=dict)  # F-LMM's SAM refiner; empty = off. sam: Hub id, local dir or
+    # "tiny" (the demo's); text_layers: how many last VLM layers' hidden states form its text prompt (0 = all)
     # data
     synthetic: dict = field(default_factory=dict)  # synthetic.make_synthetic kwargs; written once, then reused
     train_data: list = field(default_factory=list)  # data.build_dataset specs, mixed by concatenation
@@ -183,12 +186,41 @@ def grounder_kwargs(cfg, qwen):
     head = dict(in_channels=text.num_hidden_layers * text.num_attention_heads,
                 vision_channels=vision.hidden_size if cfg.vision_features else 0,
                 token_px=vision.patch_size * vision.spatial_merge_size, **cfg.head)
-    return dict(head=head)
+    refine = None
+    if cfg.refiner:
+        unknown = sorted(set(cfg.refiner) - {"sam", "text_layers"})
+        if unknown or "sam" not in cfg.refiner:
+            raise SystemExit(f"refiner: needs sam (a Hub id, a local dir or tiny) and optionally text_layers; got "
+                             f"{cfg.refiner}")
+        sam = cfg.refiner["sam"]
+        if sam == "tiny":  # the demo's, written once beside the synthetic data
+            sam = os.path.join(cfg.synthetic.get("root", "data/synthetic"), "tiny_sam")
+            if not os.path.exists(os.path.join(sam, "config.json")) and int(os.environ.get("RANK", 0)) == 0:
+                refiner.build_tiny_sam(sam)
+            if dist.is_initialized():
+                dist.barrier()
+        layers = cfg.refiner.get("text_layers", 0) or text.num_hidden_layers
+        if not 0 < layers <= text.num_hidden_layers:
+            raise SystemExit(f"refiner.text_layers must be in 1..{text.num_hidden_layers} (0 = all), got {layers}")
+        refine = dict(sam=sam, hidden_size=text.hidden_size, text_layers=layers)
+    return dict(head=head, refiner=refine)
 
 
-def build_grounder(kwargs):
-    """Grounder from grounder_kwargs (or a checkpoint's copy of them)."""
-    return heads.Grounder(heads.MaskHead(**kwargs["head"]))
+def build_grounder(kwargs, device="cpu"):
+    """Grounder from grounder_kwargs (or a checkpoint's copy of them): the MaskHead, and the Refiner around the SAM
+    named there (its frozen image encoder loaded from that checkpoint, never saved with ours)."""
+    refine = None
+    if kwargs["refiner"]:
+        r = kwargs["refiner"]
+        refine = refiner.Refiner(refiner.load_sam(r["sam"], device=device), hidden_size=r["hidden_size"],
+                                 text_layers=r["text_layers"])
+    return heads.Grounder(heads.MaskHead(**kwargs["head"]), refine).to(device)
+
+
+def sam_size(grounder):
+    """SAM's input side for this grounder's refiner (0 without one): what the data loader prepares."""
+    grounder = getattr(grounder, "module", grounder)
+    return grounder.refiner.size if grounder.refiner is not None else 0
 
 
 @torch.no_grad()
@@ -198,7 +230,18 @@ def extract(qwen, grounder, batch):
     if "frozen" in batch:  # read from cache.py's files (to_device moved it): the frozen models never ran
         return batch["frozen"]
     grounder = getattr(grounder, "module", grounder)  # DDP-wrapped or not
-    return model.frozen_outputs(qwen, batch, vision=grounder.head.vision_channels > 0)
+    refine = grounder.refiner
+    frozen = model.frozen_outputs(qwen, batch, vision=grounder.head.vision_channels > 0,
+                                  hidden_layers=refine.layer_weights.numel() if refine is not None else 0)
+    if refine is not None:  # SAM's image encoder once per distinct image (the sentence layout repeats images)
+        first = {}
+        for i, image_id in enumerate(batch["image_id"]):
+            first.setdefault(image_id, i)
+        unique = list(first.values())
+        embeddings = refine.image_embeddings(torch.stack([batch["sam_pixel_values"][i] for i in unique]))
+        index = torch.tensor([unique.index(first[image_id]) for image_id in batch["image_id"]], device=embeddings.device)
+        frozen.update(sam_embeddings=embeddings[index], sam_sizes=batch["sam_size"])
+    return frozen
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -210,23 +253,25 @@ def check_data(cfg, specs):
         raise SystemExit("data not found (paths are relative to where you run the script):\n  " + "\n  ".join(missing))
 
 
-def build_dataset(cfg, tokenizer, spec, train):
+def build_dataset(cfg, tokenizer, spec, train, sam_side=0):
     return data.build_dataset(spec, tokenizer, train=train, protocol=cfg.protocol, min_pixels=cfg.min_pixels,
                               max_pixels=cfg.max_pixels, skip_bad=cfg.skip_bad, max_length=cfg.max_length,
-                              seed=cfg.seed, constant_phrase=cfg.constant_phrase or None, layout=cfg.layout)
+                              seed=cfg.seed, constant_phrase=cfg.constant_phrase or None, layout=cfg.layout,
+                              sam_size=sam_side)
 
 
-def build_train_loader(cfg, tokenizer):
-    sets = [build_dataset(cfg, tokenizer, spec, train=True) for spec in cfg.train_data]
+def build_train_loader(cfg, tokenizer, sam_side=0):
+    sets = [build_dataset(cfg, tokenizer, spec, train=True, sam_side=sam_side) for spec in cfg.train_data]
     train_set = sets[0] if len(sets) == 1 else torch.utils.data.ConcatDataset(sets)
     return data.build_loader(train_set, cfg.batch_size, num_workers=cfg.num_workers, shuffle=True, seed=cfg.seed,
                              drop_last=True)
 
 
-def build_val_loaders(cfg, tokenizer, specs):
+def build_val_loaders(cfg, tokenizer, specs, sam_side=0):
     """{split name: (loader, spec)} for eval, in the config's order."""
-    return {data.spec_name(spec): (data.build_loader(build_dataset(cfg, tokenizer, spec, train=False), cfg.batch_size,
-                                                     num_workers=cfg.num_workers), spec) for spec in specs}
+    return {data.spec_name(spec): (data.build_loader(build_dataset(cfg, tokenizer, spec, train=False, sam_side=sam_side),
+                                                     cfg.batch_size, num_workers=cfg.num_workers), spec)
+            for spec in specs}
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint

@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 import qwen_inputs
+import refiner
 
 
 
@@ -247,7 +248,8 @@ class GroundingDataset(Dataset):
 
     def __init__(self, items, tokenizer, *, image_dir, min_pixels=qwen_inputs.MIN_PIXELS,
                  max_pixels=qwen_inputs.MAX_PIXELS, max_length=None, sep="\n", seed=0, skip_bad=False, skipped=None,
-                 constant_phrase=None, layout="image"):
+                 constant_phrase=None, layout="image", sam_size=0):
+        self.sam_size = sam_size  # > 0: also SAM's input (refiner.sam_image at this long side) and its targets
         if layout not in ("image", "sentence"):
             raise ValueError(f"layout must be image or sentence, got {layout!r}")
         self.layout = layout  # image: all of an item's phrases in one sequence; sentence: each its own sequence
@@ -297,6 +299,7 @@ class GroundingDataset(Dataset):
             image.load()  # decode now: a truncated file fails here, inside the try of __getitem__
             if (image.height, image.width) != (H, W):
                 raise DataError(f"image is {image.height}x{image.width}, annotations are for {H}x{W}")
+            sam = refiner.sam_image(image, self.sam_size) if self.sam_size else {}
             pixel_values, image_grid_thw = qwen_inputs.patchify(image, self.min_pixels, self.max_pixels)
         picks = [int(rng.integers(len(e["sentences"]))) for e in item["entries"]]
         phrases = [self.constant_phrase or e["sentences"][k] for e, k in zip(item["entries"], picks)]
@@ -317,12 +320,15 @@ class GroundingDataset(Dataset):
                    gt_masks=torch.from_numpy(gt), phrases=phrases,
                    ids=[e["ids"][k] for e, k in zip(item["entries"], picks)],
                    image_id=item["image_id"], file_name=item["file_name"], **flags)
+        if sam:  # the refined masks' targets, in SAM's frame (rh, rw)
+            out.update(sam, sam_masks=resize_masks(gt, *sam["sam_size"]))
         return out if self.layout == "image" else self._per_sentence(out)
 
     def _per_sentence(self, out):
         """One sample of K phrases -> K samples of one phrase each, each its own token sequence on the same image
         (the layout of the standard eval protocol, and of cache.py's extraction)."""
-        per_phrase = ("masks", "gt_masks", "phrases", "ids", "supervised", "no_target", "isthing", "plural")
+        per_phrase = ("masks", "gt_masks", "phrases", "ids", "supervised", "no_target", "isthing", "plural",
+                      *(["sam_masks"] if "sam_masks" in out else []))
         return [dict(out, **qwen_inputs.build_inputs(self.tokenizer, out["image_grid_thw"], [phrase],
                                                      max_length=self.max_length),
                      **{key: out[key][k:k + 1] for key in per_phrase}) for k, phrase in enumerate(out["phrases"])]
@@ -359,7 +365,7 @@ def spec_files(spec):
 
 def build_dataset(spec, tokenizer, *, train, protocol="standard", min_pixels=qwen_inputs.MIN_PIXELS,
                   max_pixels=qwen_inputs.MAX_PIXELS, skip_bad=False, max_length=None, seed=0, constant_phrase=None,
-                  layout="image"):
+                  layout="image", sam_size=0):
     """A GroundingDataset from a YAML dict: {kind: refer|grefcoco|png, ...the loader's paths..., image_dir}.
     train=True draws one sentence per object per epoch, all objects of an image in one sample (layout="image": one
     token sequence; "sentence": one sequence per object); otherwise `protocol` ("standard" or "flmm") decides.
@@ -379,7 +385,7 @@ def build_dataset(spec, tokenizer, *, train, protocol="standard", min_pixels=qwe
     return GroundingDataset(items, tokenizer, image_dir=spec["image_dir"], min_pixels=min_pixels,
                             max_pixels=max_pixels, max_length=max_length, sep=" " if kind == "png" else "\n",
                             seed=seed, skip_bad=skip_bad, skipped=skipped, constant_phrase=constant_phrase,
-                            layout=layout if train and kind != "png" else "image")
+                            layout=layout if train and kind != "png" else "image", sam_size=sam_size)
 
 
 # ------------------------------------------------------------------------------------------------ loader

@@ -23,6 +23,7 @@ import data
 import head as heads
 import model
 import qwen_inputs
+import refiner
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -275,14 +276,15 @@ def load_run(ckpt_path, device):
     ckpt = build.load_checkpoint(ckpt_path)
     cfg = build.config_from_dict(ckpt["config"], ckpt_path)
     qwen, tokenizer = build.build_qwen(cfg, device)
-    grounder = heads.load_state(build.build_grounder(ckpt["grounder_kwargs"]), ckpt["grounder"], ckpt_path)
-    return qwen, grounder.to(device).eval(), tokenizer, cfg
+    grounder = heads.load_state(build.build_grounder(ckpt["grounder_kwargs"], device), ckpt["grounder"], ckpt_path)
+    return qwen, grounder.eval(), tokenizer, cfg
 
 
 def predict_image(qwen, grounder, tokenizer, cfg, image, text, device, out_path):
     """One picture (PIL, EXIF orientation applied) and one expression -> bool mask; writes an overlay PNG."""
     pixel_values, grid = qwen_inputs.patchify(image, cfg.min_pixels, cfg.max_pixels)
-    sample = dict(qwen_inputs.build_inputs(tokenizer, grid, [text]), pixel_values=pixel_values, image_grid_thw=grid)
+    sample = dict(qwen_inputs.build_inputs(tokenizer, grid, [text]), pixel_values=pixel_values, image_grid_thw=grid,
+                  image_id=0, **(refiner.sam_image(image, build.sam_size(grounder)) if grounder.refiner else {}))
     batch = model.to_device(qwen_inputs.collate([sample]), device)
     (mask,) = predict(qwen, grounder, batch, [(image.height, image.width)])
     Image.fromarray(overlay(np.asarray(image), mask.cpu().numpy(), None, text)).save(out_path)
@@ -344,14 +346,15 @@ def main():
         print(f"{args.image}: {int(mask.sum())} pixels for {args.text!r} -> {out_path}")
         return
     autocast = build.autocast_for(cfg, device)
-    loaders = build.build_val_loaders(cfg, tokenizer, specs)
+    loaders = build.build_val_loaders(cfg, tokenizer, specs, build.sam_size(grounder))
     results = evaluate_all(qwen, grounder, loaders, device, autocast, coarse=args.coarse)
     constant_path, constant = os.path.join(out_dir, "constant_phrase", "ckpt.pt"), None  # train.py baselines=true
     if args.baselines and os.path.isfile(constant_path):  # its own config: every expression is its constant phrase
         qwen_c, grounder_c, tokenizer_c, cfg_c = load_run(constant_path, device)
         cfg_c.protocol, cfg_c.batch_size = cfg.protocol, cfg.batch_size
-        constant = evaluate_all(qwen_c, grounder_c, build.build_val_loaders(cfg_c, tokenizer_c, specs), device,
-                                autocast, coarse=args.coarse)
+        constant = evaluate_all(qwen_c, grounder_c, build.build_val_loaders(cfg_c, tokenizer_c, specs,
+                                                                            build.sam_size(grounder_c)),
+                                device, autocast, coarse=args.coarse)
     if args.vis and rank == 0:
         for name, (loader, _) in loaders.items():
             folder = os.path.join(out_dir, "vis", name)

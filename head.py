@@ -115,11 +115,21 @@ class Grounder(nn.Module):
         super().__init__()
         self.head, self.refiner = head, refiner
 
+    def frozen_parameters(self):
+        """The refiner's frozen SAM image encoder (not a registered submodule; counted for the log line)."""
+        return list(self.refiner.vision_encoder.parameters()) if self.refiner is not None else []
+
     def dummy_inputs(self, device):
         """The smallest frozen-outputs dict (one phrase of 1x1 tokens) for a zero-weighted pass (train.idle_backward)."""
-        h = self.head
-        return dict(maps=[torch.zeros(h.in_channels, 1, 1, device=device)], phrase_image=[0], hidden=None,
-                    vision=[torch.zeros(h.vision_channels, 2, 2, device=device)] if h.vision_channels else None)
+        h, r = self.head, self.refiner
+        frozen = dict(maps=[torch.zeros(h.in_channels, 1, 1, device=device)], phrase_image=[0], hidden=None,
+                      vision=[torch.zeros(h.vision_channels, 2, 2, device=device)] if h.vision_channels else None)
+        if r is not None:
+            e = r.mask_size // 4  # the embedding grid
+            frozen.update(hidden=[torch.zeros(1, r.layer_weights.numel(), r.text_proj.in_features, device=device)],
+                          sam_embeddings=torch.zeros(1, r.text_proj.out_features, e, e, device=device),
+                          sam_sizes=[(r.size, r.size)])
+        return frozen
 
     def forward(self, frozen):
         vision = frozen["vision"]

@@ -163,20 +163,23 @@ def train(cfg, device, rank=0, world=1, show_config=True):
             yaml.safe_dump(resolved, f, sort_keys=False)
 
     qwen, tokenizer = build.build_qwen(cfg, device)
-    loader = build.build_train_loader(cfg, tokenizer)
-    val_loaders = build.build_val_loaders(cfg, tokenizer, cfg.val_data)
+    torch.manual_seed(cfg.seed)  # the same initialisation on every rank
+    kwargs = build.grounder_kwargs(cfg, qwen)
+    grounder = build.build_grounder(kwargs, device)
+    loader = build.build_train_loader(cfg, tokenizer, build.sam_size(grounder))
+    val_loaders = build.build_val_loaders(cfg, tokenizer, cfg.val_data, build.sam_size(grounder))
     steps_per_epoch = len(loader) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(loader.dataset)} training images make no full step of batch_size {cfg.batch_size} x "
                          f"grad_accum {cfg.grad_accum} on {world} process(es): lower batch_size or grad_accum")
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
 
-    torch.manual_seed(cfg.seed)  # the same initialisation on every rank
-    kwargs = build.grounder_kwargs(cfg, qwen)
-    grounder = build.build_grounder(kwargs).to(device)
-    optimizer = torch.optim.AdamW(grounder.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    n_train, n_frozen = sum(p.numel() for p in grounder.parameters()), sum(p.numel() for p in qwen.parameters())
-    print0(f"trainable {n_train / 1e6:.2f}M (grounder) | frozen {n_frozen / 1e6:.1f}M ({qwen.config.model_type}) | "
+    optimizer = torch.optim.AdamW([p for p in grounder.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    n_train = sum(p.numel() for p in grounder.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in qwen.parameters())
+    n_frozen += sum(p.numel() for p in grounder.frozen_parameters())
+    print0(f"trainable {n_train / 1e6:.2f}M (grounder) | frozen {n_frozen / 1e6:.1f}M ({qwen.config.model_type}"
+           f"{' + SAM image encoder' if grounder.refiner is not None else ''}) | "
            f"{len(loader.dataset)} training images, {steps_per_epoch} steps/epoch, {total} steps | global batch "
            f"{cfg.batch_size * cfg.grad_accum * world} images ({cfg.batch_size} x {cfg.grad_accum} accum x {world} "
            f"process(es)), lr {cfg.lr:g}")
