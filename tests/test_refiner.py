@@ -1,0 +1,234 @@
+"""refiner.py: SAM's input against transformers' processor, the prompts, gradients, batching, training, save/load."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+import refiner
+
+HIDDEN, LAYERS = 32, 3  # the VLM side: hidden size and how many last layers give the phrase hidden states
+
+
+def noise(h, w, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "CMYK": 4, "LA": 2, "L": 1}[mode]
+    arr = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+    return Image.fromarray(arr[..., 0] if channels == 1 else arr, mode=mode)
+
+
+def transparent_rgba(h, w):
+    image = noise(h, w, "RGBA", seed=1)
+    alpha = np.zeros((h, w), np.uint8)
+    alpha[: h // 2] = 255  # half opaque, half transparent, a gradient column
+    alpha[:, : max(1, w // 4)] = np.linspace(0, 255, h, dtype=np.uint8)[:, None]
+    image.putalpha(Image.fromarray(alpha))
+    return image
+
+
+def palette_with_transparency(h, w):
+    image = noise(h, w, "RGB", seed=2).quantize(16)
+    image.info["transparency"] = 3
+    return image
+
+
+CASES = [  # (name, image): modes, tiny (below SAM's 16-px patch), portrait, landscape, exact, larger than 1024
+    ("1x1", noise(1, 1)), ("tiny 5x7", noise(5, 7)), ("tiny 12x3", noise(12, 3)), ("coco 480x640", noise(480, 640)),
+    ("portrait 517x333", noise(517, 333)), ("wide 20x3999", noise(20, 3999)), ("exact 1024", noise(1024, 1024)),
+    ("large 1500x1100", noise(1500, 1100)), ("L", noise(97, 131, "L")), ("RGBA", transparent_rgba(101, 77)),
+    ("P+transparency", palette_with_transparency(70, 90)), ("LA", noise(50, 61, "LA")), ("CMYK", noise(88, 99, "CMYK")),
+]
+
+
+@pytest.mark.parametrize("size", [refiner.SAM_SIZE, 256])
+@pytest.mark.parametrize("name,image", CASES, ids=[c[0] for c in CASES])
+def test_sam_image_matches_transformers_bit_for_bit(name, image, size):
+    out = refiner.sam_image(image, size=size)
+    ref = SamImageProcessorPil(size={"longest_edge": size}, pad_size={"height": size, "width": size})(
+        images=image, return_tensors="pt")
+    assert out["sam_pixel_values"].dtype == torch.float32 and out["sam_pixel_values"].shape == (3, size, size)
+    assert out["sam_size"] == tuple(ref["reshaped_input_sizes"][0].tolist()), name
+    assert (out["sam_pixel_values"] - ref["pixel_values"][0]).abs().max().item() == 0, name
+
+
+def test_sam_image_rejects_a_side_that_rounds_to_zero():
+    with pytest.raises(ValueError, match="3000x1 .* aspect ratio"):
+        refiner.sam_image(noise(1, 3000))
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+@pytest.fixture(scope="module")
+def sam_dir(tmp_path_factory):
+    return refiner.build_tiny_sam(str(tmp_path_factory.mktemp("tiny_sam")), seed=0)
+
+
+def make_refiner(sam_dir, seed=0):
+    """A fresh Refiner on the tiny SAM (S = 256, embeddings (64, 16, 16), mask input 64x64)."""
+    torch.manual_seed(seed)
+    return refiner.Refiner(refiner.load_sam(sam_dir, device="cpu"), hidden_size=HIDDEN, text_layers=LAYERS)
+
+
+def example(r, seed=0):
+    """Three images of different shapes, seven phrases of 1-5 tokens; coarse logits at several resolutions, one
+    of them empty."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(48, 64), (90, 50), (40, 40)]
+    images = [refiner.sam_image(noise(h, w, seed=i), size=r.size) for i, (h, w) in enumerate(shapes)]
+    embeddings = r.image_embeddings(torch.stack([im["sam_pixel_values"] for im in images]))
+    sam_sizes = [im["sam_size"] for im in images]  # (192, 256), (256, 142), (256, 256)
+    phrase_image = [0, 0, 1, 2, 1, 0, 2]
+    coarse_shapes = {0: (12, 16), 1: (18, 10), 2: (8, 8)}
+    coarse = [2 * torch.randn(coarse_shapes[i], generator=g) for i in phrase_image]
+    coarse[3] = -coarse[3].abs() - 0.1  # an empty coarse mask: the box is the whole frame
+    coarse = [c.requires_grad_() for c in coarse]
+    hidden = [torch.randn(t, LAYERS, HIDDEN, generator=g) for t in (2, 5, 2, 1, 5, 3, 2)]
+    return coarse, embeddings, phrase_image, hidden, sam_sizes
+
+
+def test_box_of_a_known_mask_in_the_sam_frame():
+    coarse = torch.full((12, 16), -4.0, requires_grad=True)
+    with torch.no_grad():
+        coarse[3:7, 4:10] = 2.0  # rows 3-6, columns 4-9
+        coarse[8, 0] = 0.0  # sigmoid(0) = 0.5 is not above 0.5
+    box = refiner.box_of(coarse, (192, 256))  # the frame is 16x the coarse grid
+    assert not box.requires_grad
+    assert box.tolist() == [4 * 16, 3 * 16, 10 * 16, 7 * 16]  # (x0, y0, x1, y1), ends exclusive, scaled
+    box = refiner.box_of(coarse, (150, 200))  # 12.5x
+    assert torch.allclose(box, torch.tensor([4, 3, 10, 7]) * 12.5)
+    one = torch.full((12, 16), -1.0)
+    one[11, 15] = 1.0  # a single pixel in the corner still has a box
+    assert refiner.box_of(one, (12, 16)).tolist() == [15, 11, 16, 12]
+
+
+def test_box_of_an_empty_mask_is_the_whole_frame():
+    assert refiner.box_of(torch.full((12, 16), -3.0), (192, 256)).tolist() == [0, 0, 256, 192]
+
+
+def test_mask_prompt_shape_and_padding():
+    coarse = torch.rand(12, 16) * 3.5 - 0.5  # min above -1: the padding is -1
+    prompt = refiner.mask_prompt(coarse, (192, 256), 256, 64)
+    assert prompt.shape == (1, 1, 64, 64)
+    assert (prompt[..., 49:, :] == -1).all()  # rows 192..255 of the frame are padding (48 prompt rows = 192 px)
+    inside = F.interpolate(F.interpolate(coarse[None, None], (192, 256), mode="bilinear"), (48, 64), mode="bilinear")
+    assert torch.equal(prompt[..., :47, :], inside[..., :47, :])  # the image sits top-left, at the frame's scale
+    low = coarse - 7  # min below -1: the padding is the min
+    assert torch.equal(refiner.mask_prompt(low, (192, 256), 256, 64)[..., 49:, :], low.min().expand(1, 1, 15, 64))
+
+
+def test_gradients_reach_the_coarse_logits_and_never_the_image_encoder(sam_dir):
+    r = make_refiner(sam_dir)
+    encoder = r.vision_encoder
+    coarse, embeddings, phrase_image, hidden, sam_sizes = example(r)
+    assert not embeddings.requires_grad
+    r.train()
+    assert not encoder.training  # train() does not reach the frozen encoder
+    out = r(coarse, embeddings, phrase_image, hidden, sam_sizes)
+    assert [o.shape for o in out] == [sam_sizes[i] for i in phrase_image]
+    sum((o * torch.randn_like(o)).sum() for o in out).backward()
+    assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in coarse)  # the box is detached: dense prompt
+    assert all(not p.requires_grad and p.grad is None for p in encoder.parameters())
+    encoder_ids = {id(p) for p in encoder.parameters()}
+    assert not encoder_ids & {id(p) for p in r.parameters()}
+    assert not [k for k in r.state_dict() if k.startswith("vision_encoder")]
+    missing = [n for n, p in r.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"trainable but unused (DDP would need find_unused_parameters): {missing}"
+    assert r.layer_weights.grad.abs().sum() > 0 and r.text_proj.weight.grad.abs().sum() > 0  # the text prompt
+
+
+def test_batched_forward_equals_the_per_phrase_loop(sam_dir):
+    r = make_refiner(sam_dir)
+    coarse, embeddings, phrase_image, hidden, sam_sizes = example(r)
+    batched = r(coarse, embeddings, phrase_image, hidden, sam_sizes)
+    grads = torch.autograd.grad(sum(o.square().mean() for o in batched), coarse)
+    # A random decoder's logits are ~4e-4 (a trained SAM's are ~10): compare relative to the largest; the
+    # batched and looped results differ by ~1e-5 of it (float32 sums in another order), another image's by ~1.
+    for k, i in enumerate(phrase_image):  # F-LMM's way: one phrase, its own image, at a time
+        (alone,) = r([coarse[k]], embeddings[i:i + 1], [0], [hidden[k]], [sam_sizes[i]])
+        assert (batched[k] - alone).abs().max() <= 1e-4 * alone.abs().max(), k
+        (grad,) = torch.autograd.grad(alone.square().mean(), coarse[k])
+        assert (grads[k] - grad).abs().max() <= 1e-4 * grad.abs().max(), k
+    # the tolerance means something only if the image matters (a random SAM at its default init sees none)
+    (elsewhere,) = r([coarse[0]], embeddings[1:2], [0], [hidden[0]], [sam_sizes[0]])
+    assert (elsewhere - batched[0]).abs().max() > 0.1 * batched[0].abs().max()
+
+
+def test_an_image_thinner_than_a_patch_refines(sam_dir):
+    r = make_refiner(sam_dir)
+    image = refiner.sam_image(noise(20, 3999), size=r.size)
+    assert image["sam_size"] == (1, 256)  # one row of pixels: a sliver of one patch row
+    embeddings = r.image_embeddings(image["sam_pixel_values"][None])
+    (out,) = r([torch.randn(1, 200)], embeddings, [0], [torch.randn(2, LAYERS, HIDDEN)], [image["sam_size"]])
+    assert out.shape == (1, 256) and torch.isfinite(out).all()
+
+
+def bce_dice(logits, target):
+    prob = logits.sigmoid().flatten()
+    dice = 1 - (2 * (prob * target.flatten()).sum() + 1) / (prob.sum() + target.sum() + 1)
+    return F.binary_cross_entropy_with_logits(logits, target) + dice
+
+
+def test_a_few_steps_lower_the_refined_loss(sam_dir):
+    r = make_refiner(sam_dir)
+    coarse, embeddings, phrase_image, hidden, sam_sizes = example(r)
+    coarse = [c.detach().requires_grad_() for c in coarse[:3]]  # the U-Net's output stands in as a parameter
+    targets = []
+    for k, i in enumerate(phrase_image[:3]):
+        t = torch.zeros(sam_sizes[i])
+        t[20 + 10 * k:100, 30:120 + 20 * k] = 1
+        targets.append(t)
+    opt = torch.optim.AdamW([dict(params=r.parameters()), dict(params=coarse, lr=2e-2)], lr=2e-3)
+    fourier = r.prompt_encoder.shared_embedding.positional_embedding.clone()  # the frozen image_pe comes from it
+    losses = []
+    for _ in range(30):
+        out = r(coarse, embeddings, phrase_image[:3], hidden[:3], sam_sizes)
+        loss = sum(bce_dice(o, t) for o, t in zip(out, targets)) / len(out)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.75 * losses[0], losses  # 1.45 -> 0.87 when written
+    assert torch.equal(r.prompt_encoder.shared_embedding.positional_embedding, fourier)
+
+
+def test_state_dict_round_trips_into_a_fresh_refiner(sam_dir):
+    r = make_refiner(sam_dir)
+    with torch.no_grad():
+        for p in r.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))  # differ from what a fresh SAM + init gives
+    buf = io.BytesIO()
+    torch.save(r.state_dict(), buf)
+    fresh = make_refiner(sam_dir, seed=1)
+    fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))  # strict: nothing missing
+    args = example(r)
+    for a, b in zip(r(*args), fresh(*args)):
+        assert torch.equal(a, b)
+
+
+def test_to_moves_the_frozen_encoder_too(sam_dir):
+    r = make_refiner(sam_dir).double()
+    assert r.image_embeddings(torch.zeros(1, 3, 256, 256)).dtype == torch.float64
+
+
+def test_bad_inputs_raise_clearly(sam_dir, tmp_path):
+    r = make_refiner(sam_dir)
+    with pytest.raises(ValueError, match=r"expected \(B, 3, 256, 256\).*got \(1, 3, 1024, 1024\)"):
+        r.image_embeddings(torch.zeros(1, 3, 1024, 1024))
+    coarse, embeddings, phrase_image, hidden, sam_sizes = example(r)
+    with pytest.raises(ValueError, match=r"expected \(T, 3, 32\).*got \(2, 32\)"):
+        r(coarse, embeddings, phrase_image, [h[:, 1:] for h in hidden], sam_sizes)
+
+
+def test_load_sam_on_a_missing_path_or_another_model(tmp_path):
+    missing = str(tmp_path / "no_such_sam")
+    with pytest.raises(FileNotFoundError, match="no_such_sam"):
+        refiner.load_sam(missing, device="cpu")
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "qwen" / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    with pytest.raises(ValueError, match="qwen.*not a SAM checkpoint.*'qwen2_5_vl'"):
+        refiner.load_sam(str(tmp_path / "qwen"), device="cpu")
