@@ -33,12 +33,19 @@ import synthetic
 from build import print0
 
 
-def lr_at(step, total, cfg):
-    """Linear warm-up over cfg.warmup of the steps, then cosine decay to 0."""
+def peak_lr(cfg, world):
+    """cfg.lr, scaled by sqrt(global batch / lr_batch) when lr_batch is set (Adam's square-root rule)."""
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    return cfg.lr * math.sqrt(global_batch / cfg.lr_batch) if cfg.lr_batch else cfg.lr
+
+
+def lr_at(step, total, cfg, peak=None):
+    """Linear warm-up over cfg.warmup of the steps, then cosine decay to 0, from `peak` (default cfg.lr)."""
+    peak = cfg.lr if peak is None else peak
     warm = max(1, int(cfg.warmup * total))
     if step < warm:
-        return cfg.lr * (step + 1) / warm
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
 def micro_batches(loader, start):
@@ -174,7 +181,9 @@ def train(cfg, device, rank=0, world=1, show_config=True):
                          f"grad_accum {cfg.grad_accum} on {world} process(es): lower batch_size or grad_accum")
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
 
-    optimizer = torch.optim.AdamW([p for p in grounder.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    peak = peak_lr(cfg, world)
+    optimizer = torch.optim.AdamW([p for p in grounder.parameters() if p.requires_grad], lr=peak, betas=cfg.betas,
+                                  weight_decay=cfg.weight_decay)
     n_train = sum(p.numel() for p in grounder.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in qwen.parameters())
     n_frozen += sum(p.numel() for p in grounder.frozen_parameters())
@@ -182,7 +191,8 @@ def train(cfg, device, rank=0, world=1, show_config=True):
            f"{' + SAM image encoder' if grounder.refiner is not None else ''}) | "
            f"{len(loader.dataset)} training images, {steps_per_epoch} steps/epoch, {total} steps | global batch "
            f"{cfg.batch_size * cfg.grad_accum * world} images ({cfg.batch_size} x {cfg.grad_accum} accum x {world} "
-           f"process(es)), lr {cfg.lr:g}")
+           f"process(es)), peak lr {peak:.3g}" + (f" (= {cfg.lr:g} x sqrt({cfg.batch_size * cfg.grad_accum * world}"
+                                                   f" / {cfg.lr_batch}))" if cfg.lr_batch else ""))
     step, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if ckpt is not None:
         if ckpt["grounder_kwargs"] != kwargs:
@@ -206,7 +216,7 @@ def train(cfg, device, rank=0, world=1, show_config=True):
     recent = []  # (step, sample ids, loss) since the last finiteness check
     terms = torch.zeros(len(TERMS) + 1, device=device)  # per-phrase sums of each term, and the phrase count
     while step < total:
-        lr = lr_at(step, total, cfg)
+        lr = lr_at(step, total, cfg, peak)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if cfg.eval_every and step and step % cfg.eval_every == 0 and val_loaders:

@@ -71,6 +71,10 @@ def test_lr_schedule():
     lrs = [train.lr_at(s, 100, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and max(lrs) == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
+    # F-LMM's 1e-4 at a global batch of 8, on 2 processes x 16 images: x sqrt(4); lr_batch 0 leaves lr alone
+    assert train.peak_lr(build.Config(lr=1e-4, lr_batch=8, batch_size=16), 2) == pytest.approx(2e-4)
+    assert train.peak_lr(build.Config(lr=1e-4, batch_size=16), 2) == 1e-4
+    assert train.lr_at(50, 100, cfg, peak=2.0) == pytest.approx(2 * train.lr_at(50, 100, cfg))
 
 
 # ------------------------------------------------------------------------------------------------- training
