@@ -5,6 +5,7 @@ output_attentions=True, full model with lm_head, batch 1). Random weights; RefCO
     python bench.py                          # CPU: a wider tiny Qwen2.5-VL, float32
     python bench.py --model 3b --out bench_3b.json   # CUDA: the real 3B architecture, bf16, random weights
     python bench.py --model 7b
+    python bench.py --model qwen3vl_8b              # any ARCH name: Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense, MoE)
 """
 import argparse
 import contextlib
@@ -26,36 +27,80 @@ import synthetic
 
 PHRASES = ["the man in the red shirt", "a white dog on the left", "the bicycle near the wall"]
 TEXTS = ["You are a helpful assistant.", qwen_inputs.DEFAULT_PROMPT, *PHRASES] * 20
-# Full-size text/vision configs (DESIGN.md); vision: depth 32, hidden 1280, 16 heads, window 112.
-ARCH = {"3b": dict(hidden=2048, inter=11008, layers=36, heads=16, kv_heads=2, vocab=151936, tied=True),
-        "7b": dict(hidden=3584, inter=18944, layers=28, heads=28, kv_heads=4, vocab=152064, tied=False)}
+# Full-size architectures (random weights): the text and vision fields of each Hub checkpoint's config.json.
+QWEN2_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16)  # Qwen2-VL: hidden_size is the LLM width
+QWEN25_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+                     fullatt_block_indexes=[7, 15, 23, 31])
+QWEN3_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[8, 16, 24])
+QWEN3_VISION_SMALL = dict(QWEN3_VISION, depth=24, hidden_size=1024, intermediate_size=4096,
+                          deepstack_visual_indexes=[5, 11, 17])  # Qwen3-VL 2B and 4B
+
+
+def _text(hidden, inter, layers, heads, kv_heads, vocab, **more):
+    return dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, vocab_size=vocab, **more)
+
+
+def _moe(hidden, layers, heads, kv_heads, experts, active, expert_inter):
+    return _text(hidden, 6144, layers, heads, kv_heads, 151936, head_dim=128, num_experts=experts,
+                 num_experts_per_tok=active, moe_intermediate_size=expert_inter, decoder_sparse_step=1)
+
+
+ARCH = {  # name: (family, text fields, vision fields, tied word embeddings)
+    "qwen2vl_2b": ("qwen2_vl", _text(1536, 8960, 28, 12, 2, 151936), QWEN2_VISION, True),
+    "qwen2vl_7b": ("qwen2_vl", _text(3584, 18944, 28, 28, 4, 152064), QWEN2_VISION, False),
+    "qwen2vl_72b": ("qwen2_vl", _text(8192, 29568, 80, 64, 8, 152064), QWEN2_VISION, False),
+    "3b": ("qwen2_5_vl", _text(2048, 11008, 36, 16, 2, 151936), QWEN25_VISION, True),
+    "7b": ("qwen2_5_vl", _text(3584, 18944, 28, 28, 4, 152064), QWEN25_VISION, False),
+    "32b": ("qwen2_5_vl", _text(5120, 27648, 64, 40, 8, 152064), QWEN25_VISION, False),
+    "72b": ("qwen2_5_vl", _text(8192, 29568, 80, 64, 8, 152064), QWEN25_VISION, False),
+    "qwen3vl_2b": ("qwen3_vl", _text(2048, 6144, 28, 16, 8, 151936, head_dim=128), QWEN3_VISION_SMALL, True),
+    "qwen3vl_4b": ("qwen3_vl", _text(2560, 9728, 36, 32, 8, 151936, head_dim=128), QWEN3_VISION_SMALL, True),
+    "qwen3vl_8b": ("qwen3_vl", _text(4096, 12288, 36, 32, 8, 151936, head_dim=128), QWEN3_VISION, False),
+    "qwen3vl_32b": ("qwen3_vl", _text(5120, 25600, 64, 64, 8, 151936, head_dim=128), QWEN3_VISION, False),
+    "qwen3vl_30b_a3b": ("qwen3_vl_moe", _moe(2048, 48, 32, 4, 128, 8, 768), QWEN3_VISION, False),
+    "qwen3vl_235b_a22b": ("qwen3_vl_moe", _moe(4096, 94, 64, 4, 128, 8, 1536), QWEN3_VISION, False),
+}
+
+
+def arch_config(name, tiny_dir):
+    """The config of ARCH[name], its special-token ids taken from the tiny checkpoint of the same family in tiny_dir
+    (written by synthetic.build_tiny_qwen, whose tokenizer the benchmark uses)."""
+    from transformers import AutoConfig
+    family, text, vision, tied = ARCH[name]
+    cfg = AutoConfig.from_pretrained(tiny_dir)
+    cfg.text_config.update(dict(text, max_position_embeddings=128000))
+    cfg.text_config.rope_parameters["mrope_section"] = [24, 20, 20] if family.startswith("qwen3") else [16, 24, 24]
+    if hasattr(cfg.text_config, "layer_types"):
+        cfg.text_config.layer_types = ["full_attention"] * text["num_hidden_layers"]
+    out = "hidden_size" if family == "qwen2_vl" else "out_hidden_size"  # the vision tower's output width
+    cfg.vision_config.update({**vision, out: text["hidden_size"]})
+    cfg.tie_word_embeddings = tied
+    return cfg
 
 
 def build(name, device, workdir):
-    """(qwen, tokenizer): a local checkpoint as it is, else random weights. For 3b/7b the tokenizer is the tiny BPE
-    one and the config's special-token ids point into it."""
+    """(qwen, tokenizer): a local checkpoint as it is, else random weights: "tiny" (a wider tiny Qwen2.5-VL) or a
+    full-size ARCH name. For those the tokenizer is the tiny BPE one of the same family (its image settings too) and
+    the config's special-token ids point into it."""
     if os.path.isdir(name):
         return model.load_qwen(name, dtype=dtype_for(device), device=device)
+    if name != "tiny" and name not in ARCH:
+        raise SystemExit(f"--model {name!r}: not a directory, 'tiny' or one of {sorted(ARCH)}")
     tiny_dir = os.path.join(workdir, "tiny")
     kw = dict(hidden=256, layers=6, heads=8, kv_heads=2, vision_hidden=128, vision_depth=4) if name == "tiny" else {}
-    synthetic.build_tiny_qwen(tiny_dir, TEXTS, seed=0, **kw)
+    family = "qwen2_5_vl" if name == "tiny" else ARCH[name][0]
+    synthetic.build_tiny_qwen(tiny_dir, TEXTS, family=family, seed=0, **kw)
+    qwen, tokenizer = model.load_qwen(tiny_dir, dtype=dtype_for(device), device=device)
     if name == "tiny":
-        return model.load_qwen(tiny_dir, dtype=dtype_for(device), device=device)
-    from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-    a, cfg = ARCH[name], AutoConfig.from_pretrained(tiny_dir)
-    cfg.text_config.update(dict(hidden_size=a["hidden"], intermediate_size=a["inter"], num_hidden_layers=a["layers"],
-                                num_attention_heads=a["heads"], num_key_value_heads=a["kv_heads"], vocab_size=a["vocab"],
-                                max_position_embeddings=128000))
-    cfg.text_config.rope_parameters["mrope_section"] = [16, 24, 24]
-    cfg.text_config.layer_types = ["full_attention"] * a["layers"]
-    cfg.vision_config.update(dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                                  out_hidden_size=a["hidden"], fullatt_block_indexes=[7, 15, 23, 31]))
-    cfg.tie_word_embeddings = a["tied"]
+        return qwen, tokenizer
     torch.manual_seed(0)
     with device:  # random init directly on the device: minutes faster than on the CPU for 3B/7B
-        qwen = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype_for(device), attn_implementation="sdpa")
+        qwen = model.FAMILIES[family]._from_config(arch_config(name, tiny_dir), dtype=dtype_for(device),
+                                                   attn_implementation="sdpa")
     model.use_fast_attention(qwen).requires_grad_(False).eval()
-    return qwen, AutoTokenizer.from_pretrained(tiny_dir)
+    return qwen, tokenizer
 
 
 def stock_sdpa(qwen):
@@ -119,15 +164,16 @@ def rss(field):
 
 def sample(tokenizer, rng, size):
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    pixel_values, grid = qwen_inputs.patchify(image)
-    masks = torch.from_numpy(rng.random((len(PHRASES), int(grid[0, 1]) * 14, int(grid[0, 2]) * 14)) > 0.7).float()
+    pixel_values, grid = qwen_inputs.patchify(image, **tokenizer.image_settings)
+    patch = tokenizer.image_settings["patch_size"]
+    masks = torch.from_numpy(rng.random((len(PHRASES), int(grid[0, 1]) * patch, int(grid[0, 2]) * patch)) > 0.7).float()
     return dict(qwen_inputs.build_inputs(tokenizer, grid, PHRASES), pixel_values=pixel_values, image_grid_thw=grid,
                 masks=masks, supervised=[True] * len(PHRASES))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny | 3b | 7b | a local checkpoint directory")
+    parser.add_argument("--model", default="tiny", help=f"tiny | {' | '.join(ARCH)} | a local checkpoint directory")
     parser.add_argument("--out", default=None, help="write the raw numbers here as JSON")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch_sizes", default="1,2,4,8")

@@ -32,10 +32,12 @@ class Config:
     model: str = "Qwen/Qwen2.5-VL-3B-Instruct"  # local dir or Hub id; "tiny" builds the demo model (seeded) once
     tiny_model: dict = field(default_factory=dict)  # synthetic.build_tiny_qwen kwargs when model == "tiny"
     dtype: str = "bfloat16"  # frozen VLM weights and autocast on CUDA (bfloat16|float16|float32); CPU: float32
+    shard: bool = False  # FSDP2: every torchrun rank holds 1/world of the frozen VLM (models larger than one GPU)
     head: dict = field(default_factory=dict)  # MaskHead kwargs beyond the channels (base, size)
     vision_features: bool = False  # also feed the frozen vision tower's patch features to the head's decoder
-    refiner: dict = field(default_factory=dict)  # F-LMM's SAM refiner; empty = off. sam: Hub id, local dir or
-    # "tiny" (the demo's); text_layers: how many last VLM layers' hidden states form its text prompt (0 = all)
+    refiner: dict = field(default_factory=dict)  # F-LMM's SAM refiner; empty = off. sam: Hub id, local dir, "tiny"
+    # (random) or "synthetic" (the demo's: tiny, trained on the synthetic masks once); text_layers: how many last VLM
+    # layers' hidden states form its text prompt (0 = all, as F-LMM)
     # data
     synthetic: dict = field(default_factory=dict)  # synthetic.make_synthetic kwargs; written once, then reused
     train_data: list = field(default_factory=list)  # data.build_dataset specs, mixed by concatenation
@@ -45,8 +47,8 @@ class Config:
     layout: str = "image"  # training sequences: image (all objects of an image in one) or sentence (one per object,
     # as the standard eval protocol and cache.py lay them out)
     constant_phrase: str = ""  # ablation: every expression replaced by this text (no language -> saliency only)
-    min_pixels: int = 3136  # smart_resize bounds, as Qwen2.5-VL-Instruct's preprocessor_config.json
-    max_pixels: int = 12845056
+    min_pixels: int = 0  # smart_resize bounds overriding the checkpoint's (0: its preprocessor_config.json's)
+    max_pixels: int = 0
     max_length: int = 4096  # longest token sequence allowed (a clear error above it)
     skip_bad: bool = False  # skip and count broken images / annotations instead of stopping
     num_workers: int = 4  # DataLoader workers per process: decode, patchify, tokenize, masks
@@ -56,7 +58,8 @@ class Config:
     grad_accum: int = 1  # micro-steps per optimiser step
     epochs: float = 8.0
     max_steps: int = 0  # > 0 overrides epochs
-    lr: float = 1.0e-4
+    lr: float = 1.0e-4  # peak learning rate at a global batch of lr_batch images
+    lr_batch: int = 0  # > 0: scale lr by sqrt(global batch / lr_batch) (F-LMM: 1e-4 at 8); 0: lr as given
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.999)
     warmup: float = 0.03  # fraction of the steps with linear warm-up, then cosine to 0
@@ -173,30 +176,43 @@ def build_qwen(cfg, device):
     if path == "tiny":  # one directory per build_tiny_qwen kwargs: another tiny_model never reuses a stale one
         tag = hashlib.sha1(json.dumps(cfg.tiny_model, sort_keys=True).encode()).hexdigest()[:8]
         path = os.path.join(cfg.synthetic.get("root", "data/synthetic"), f"tiny_qwen-{tag}")
-        if not os.path.exists(os.path.join(path, "config.json")) and int(os.environ.get("RANK", 0)) == 0:
+        written = all(os.path.exists(os.path.join(path, f)) for f in ("config.json", "preprocessor_config.json"))
+        if not written and int(os.environ.get("RANK", 0)) == 0:  # (older builds wrote no preprocessor_config.json)
             synthetic.build_tiny_qwen(path, synthetic.synthetic_texts(), **cfg.tiny_model)
         if dist.is_initialized():
             dist.barrier()
-    return model.load_qwen(path, dtype=dtype, device=device)
+    return model.load_qwen(path, dtype=dtype, device=device, shard=cfg.shard)
+
+
+def image_settings(cfg, tokenizer):
+    """The patchify keyword arguments: the checkpoint's (load_qwen puts them on the tokenizer), with the config's
+    min_pixels / max_pixels where they are set."""
+    overrides = {k: getattr(cfg, k) for k in ("min_pixels", "max_pixels") if getattr(cfg, k)}
+    return {**tokenizer.image_settings, **overrides}
 
 
 def grounder_kwargs(cfg, qwen):
     """The constructor arguments of the trainable modules for this VLM (saved in the checkpoint)."""
     text, vision = qwen.config.text_config, qwen.config.vision_config
     head = dict(in_channels=text.num_hidden_layers * text.num_attention_heads,
-                vision_channels=vision.hidden_size if cfg.vision_features else 0,
+                vision_channels=model.vision_channels(qwen.config) if cfg.vision_features else 0,
                 token_px=vision.patch_size * vision.spatial_merge_size, **cfg.head)
     refine = None
     if cfg.refiner:
         unknown = sorted(set(cfg.refiner) - {"sam", "text_layers"})
         if unknown or "sam" not in cfg.refiner:
-            raise SystemExit(f"refiner: needs sam (a Hub id, a local dir or tiny) and optionally text_layers; got "
+            raise SystemExit(f"refiner: needs sam (a Hub id, a local dir, tiny or synthetic) and optionally text_layers; got "
                              f"{cfg.refiner}")
         sam = cfg.refiner["sam"]
-        if sam == "tiny":  # the demo's, written once beside the synthetic data
-            sam = os.path.join(cfg.synthetic.get("root", "data/synthetic"), "tiny_sam")
+        if sam in ("tiny", "synthetic"):  # random, or the demo's (trained on the synthetic world): written once
+            root = cfg.synthetic.get("root", "data/synthetic")
+            sam = os.path.join(root, f"{sam}_sam")
             if not os.path.exists(os.path.join(sam, "config.json")) and int(os.environ.get("RANK", 0)) == 0:
-                refiner.build_tiny_sam(sam)
+                if sam.endswith("tiny_sam"):
+                    refiner.build_tiny_sam(sam)
+                else:
+                    print(f"training the demo's tiny SAM on {root}'s training masks from box prompts (once) -> {sam}")
+                    synthetic.build_synthetic_sam(sam, root)
             if dist.is_initialized():
                 dist.barrier()
         layers = cfg.refiner.get("text_layers", 0) or text.num_hidden_layers
@@ -254,8 +270,9 @@ def check_data(cfg, specs):
 
 
 def build_dataset(cfg, tokenizer, spec, train, sam_side=0):
-    return data.build_dataset(spec, tokenizer, train=train, protocol=cfg.protocol, min_pixels=cfg.min_pixels,
-                              max_pixels=cfg.max_pixels, skip_bad=cfg.skip_bad, max_length=cfg.max_length,
+    return data.build_dataset(spec, tokenizer, train=train, protocol=cfg.protocol,
+                              image_settings=image_settings(cfg, tokenizer), skip_bad=cfg.skip_bad,
+                              max_length=cfg.max_length,
                               seed=cfg.seed, constant_phrase=cfg.constant_phrase or None, layout=cfg.layout,
                               sam_size=sam_side)
 

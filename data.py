@@ -239,16 +239,16 @@ def refer_items(records, protocol):
 class GroundingDataset(Dataset):
     """Items -> samples; all CPU work (image, patchify, tokenize, masks) happens in __getitem__.
 
-    A sample: the `qwen_inputs.build_inputs` keys, `pixel_values` (gh*gw, 1176) float32, `image_grid_thw` (1, 3),
-    `masks` bool (K, gh*14, gw*14) (the loss targets), `gt_masks` bool (K, H, W) at the stored size, and per phrase
+    A sample: the `qwen_inputs.build_inputs` keys, `pixel_values` (gh*gw, 3*2*patch*patch) float32 (patch 14, 16 for
+    Qwen3-VL), `image_grid_thw` (1, 3), `masks` bool (K, gh*patch, gw*patch) (the loss targets), `gt_masks` bool
+    (K, H, W) at the stored size, and per phrase
     the lists `phrases`, `ids`, `supervised`, `no_target`, `isthing`, `plural`; plus `image_id`, `file_name`.
     The sentence drawn for an object with several depends only on (seed, epoch, index): a resumed run sees the same.
     With skip_bad, an unreadable sample is {"bad": path} (dropped and listed by `collate_skip`); items whose files
     are missing are left out at construction and listed in `self.skipped`."""
 
-    def __init__(self, items, tokenizer, *, image_dir, min_pixels=qwen_inputs.MIN_PIXELS,
-                 max_pixels=qwen_inputs.MAX_PIXELS, max_length=None, sep="\n", seed=0, skip_bad=False, skipped=None,
-                 constant_phrase=None, layout="image", sam_size=0):
+    def __init__(self, items, tokenizer, *, image_dir, image_settings=None, max_length=None, sep="\n", seed=0,
+                 skip_bad=False, skipped=None, constant_phrase=None, layout="image", sam_size=0):
         self.sam_size = sam_size  # > 0: also SAM's input (refiner.sam_image at this long side) and its targets
         if layout not in ("image", "sentence"):
             raise ValueError(f"layout must be image or sentence, got {layout!r}")
@@ -266,7 +266,9 @@ class GroundingDataset(Dataset):
             self.items.append(item)
         _report(image_dir, self.skipped, start)
         self.tokenizer, self.image_dir, self.sep, self.seed, self.skip_bad = tokenizer, image_dir, sep, seed, skip_bad
-        self.min_pixels, self.max_pixels, self.max_length = min_pixels, max_pixels, max_length
+        # patchify's keyword arguments: the checkpoint's image settings (build.image_settings); None: Qwen2.5-VL's
+        self.image_settings, self.max_length = dict(image_settings or {}), max_length
+        self.patch = self.image_settings.get("patch_size", qwen_inputs.PATCH)  # masks: (K, gh*patch, gw*patch)
         self.constant_phrase = constant_phrase  # ablation: every expression replaced by this text (no language)
         # in shared memory so that set_epoch reaches DataLoader workers that already exist (persistent_workers)
         self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -300,7 +302,7 @@ class GroundingDataset(Dataset):
             if (image.height, image.width) != (H, W):
                 raise DataError(f"image is {image.height}x{image.width}, annotations are for {H}x{W}")
             sam = refiner.sam_image(image, self.sam_size) if self.sam_size else {}
-            pixel_values, image_grid_thw = qwen_inputs.patchify(image, self.min_pixels, self.max_pixels)
+            pixel_values, image_grid_thw = qwen_inputs.patchify(image, **self.image_settings)
         picks = [int(rng.integers(len(e["sentences"]))) for e in item["entries"]]
         phrases = [self.constant_phrase or e["sentences"][k] for e, k in zip(item["entries"], picks)]
         if "panoptic_file" in item:
@@ -316,7 +318,7 @@ class GroundingDataset(Dataset):
                                           max_length=self.max_length)
         flags = {key: [e[key] for e in item["entries"]] for key in ("supervised", "no_target", "isthing", "plural")}
         out = dict(sample, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                   masks=resize_masks(gt, gh * qwen_inputs.PATCH, gw * qwen_inputs.PATCH),
+                   masks=resize_masks(gt, gh * self.patch, gw * self.patch),
                    gt_masks=torch.from_numpy(gt), phrases=phrases,
                    ids=[e["ids"][k] for e, k in zip(item["entries"], picks)],
                    image_id=item["image_id"], file_name=item["file_name"], **flags)
@@ -363,9 +365,8 @@ def spec_files(spec):
     return [os.path.join(spec["data_root"], folder, name) for name in (refs, "instances.json")] + [spec["image_dir"]]
 
 
-def build_dataset(spec, tokenizer, *, train, protocol="standard", min_pixels=qwen_inputs.MIN_PIXELS,
-                  max_pixels=qwen_inputs.MAX_PIXELS, skip_bad=False, max_length=None, seed=0, constant_phrase=None,
-                  layout="image", sam_size=0):
+def build_dataset(spec, tokenizer, *, train, protocol="standard", image_settings=None, skip_bad=False, max_length=None,
+                  seed=0, constant_phrase=None, layout="image", sam_size=0):
     """A GroundingDataset from a YAML dict: {kind: refer|grefcoco|png, ...the loader's paths..., image_dir}.
     train=True draws one sentence per object per epoch, all objects of an image in one sample (layout="image": one
     token sequence; "sentence": one sequence per object); otherwise `protocol` ("standard" or "flmm") decides.
@@ -382,8 +383,8 @@ def build_dataset(spec, tokenizer, *, train, protocol="standard", min_pixels=qwe
         records = load_png(spec["png_json"], spec["panoptic_json"], spec["panoptic_dir"], skip_bad=skip_bad,
                            skipped=skipped)
     items = records if kind == "png" else refer_items(records, "train" if train else protocol)
-    return GroundingDataset(items, tokenizer, image_dir=spec["image_dir"], min_pixels=min_pixels,
-                            max_pixels=max_pixels, max_length=max_length, sep=" " if kind == "png" else "\n",
+    return GroundingDataset(items, tokenizer, image_dir=spec["image_dir"], image_settings=image_settings,
+                            max_length=max_length, sep=" " if kind == "png" else "\n",
                             seed=seed, skip_bad=skip_bad, skipped=skipped, constant_phrase=constant_phrase,
                             layout=layout if train and kind != "png" else "image", sam_size=sam_size)
 

@@ -87,12 +87,21 @@ def evaluate(qwen, grounder, loader, device, kind="refer", autocast=contextlib.n
     was_training = grounder.training
     grounder.eval()
     rows = []  # per phrase: (intersection, union, flags, predicted pixels)
-    for i, batch in enumerate(loader):
-        if max_batches and i >= max_batches:
-            break
-        if "phrases" not in batch:  # every sample of the batch was unreadable (skip_bad)
+    batches = min(max_batches or len(loader), len(loader))
+    lockstep = sharded(qwen)
+    if lockstep:  # a sharded VLM needs every rank in every forward: all run as many as the longest shard
+        count = torch.tensor(batches, device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        batches = int(count)
+    loader_iter, last = iter(loader), None
+    for _ in range(batches):
+        batch = next(loader_iter, None)
+        if batch is None or "phrases" not in batch:  # a shorter shard, or every sample unreadable (skip_bad)
+            if lockstep and last is not None:  # join the other ranks' forward, result discarded
+                with autocast:
+                    predict(qwen, grounder, last, gt_sizes(last), coarse)
             continue
-        batch = model.to_device(batch, device, model.DEVICE_KEYS + ("gt_masks",))
+        batch = last = model.to_device(batch, device, model.DEVICE_KEYS + ("gt_masks",))
         with autocast:
             preds = predict(qwen, grounder, batch, gt_sizes(batch), coarse)
         gts = [g for m in batch["gt_masks"] for g in m]
@@ -208,11 +217,12 @@ def overlay(image, pred, gt=None, text=""):
     return np.asarray(picture)
 
 
-def overlay_grid(batch, out):
+def overlay_grid(batch, out, image_settings):
     """The first sample of a (device) batch, every phrase side by side at the resized resolution (for tensorboard):
-    the coarse masks, and below them the refined ones when the grounder has a refiner."""
+    the coarse masks, and below them the refined ones when the grounder has a refiner. image_settings: patchify's."""
     n_pix = int(batch["host"]["image_grid_thw"][0].prod())
-    (image,) = qwen_inputs.unpatchify(batch["pixel_values"][:n_pix].cpu(), batch["host"]["image_grid_thw"][:1])
+    (image,) = qwen_inputs.unpatchify(batch["pixel_values"][:n_pix].cpu(), batch["host"]["image_grid_thw"][:1],
+                                      **image_settings)
     k = len(batch["phrases"][0])
     rows = []
     for kind in ("coarse", "refined"):
@@ -225,8 +235,16 @@ def overlay_grid(batch, out):
     return np.concatenate(rows, axis=0)
 
 
+def sharded(qwen):
+    """Whether the frozen VLM is spread over the ranks (build: shard=true), so every rank must join every forward."""
+    return qwen is not None and dist.is_initialized() and any(
+        type(p).__name__ == "DTensor" for p in qwen.parameters())
+
+
 def write_overlays(qwen, grounder, dataset, n, folder, device, autocast=contextlib.nullcontext()):
-    """One PNG per phrase (expression, prediction, truth) for the first n distinct images of a dataset."""
+    """One PNG per phrase (expression, prediction, truth) for the first n distinct images of a dataset. Written by
+    rank 0; with a sharded VLM every rank must call it (they all run the same forwards)."""
+    save = int(os.environ.get("RANK", 0)) == 0
     os.makedirs(folder, exist_ok=True)
     seen = set()
     for i in range(len(dataset)):
@@ -241,6 +259,8 @@ def write_overlays(qwen, grounder, dataset, n, folder, device, autocast=contextl
         batch = model.to_device(data.collate_skip([sample]), device)
         with autocast:
             preds = predict(qwen, grounder, batch, gt_sizes(batch))
+        if not save:
+            continue
         with Image.open(os.path.join(dataset.image_dir, sample["file_name"])) as f:
             image = np.asarray(f.convert("RGB"))
         for k, (p, g, phrase) in enumerate(zip(preds, sample["gt_masks"], sample["phrases"])):
@@ -253,6 +273,9 @@ def report(qwen, grounder, loaders, device, autocast, out_dir, vis=0, writer=Non
     overlays of `vis` scenes of the first split (rank 0), return {split: metrics}."""
     metrics = evaluate_all(qwen, grounder, loaders, device, autocast, coarse=coarse)
     if int(os.environ.get("RANK", 0)) != 0:
+        if sharded(qwen):  # rank 0 writes the overlays, but every rank must join their forwards
+            for name, (loader, _) in list(loaders.items())[:1] if vis else []:
+                write_overlays(qwen, grounder, loader.dataset, vis, os.path.join(out_dir, "vis", name), device, autocast)
         return metrics
     for name, m in metrics.items():
         for k, v in m.items():
@@ -282,7 +305,7 @@ def load_run(ckpt_path, device):
 
 def predict_image(qwen, grounder, tokenizer, cfg, image, text, device, out_path):
     """One picture (PIL, EXIF orientation applied) and one expression -> bool mask; writes an overlay PNG."""
-    pixel_values, grid = qwen_inputs.patchify(image, cfg.min_pixels, cfg.max_pixels)
+    pixel_values, grid = qwen_inputs.patchify(image, **build.image_settings(cfg, tokenizer))
     sample = dict(qwen_inputs.build_inputs(tokenizer, grid, [text]), pixel_values=pixel_values, image_grid_thw=grid,
                   image_id=0, **(refiner.sam_image(image, build.sam_size(grounder)) if grounder.refiner else {}))
     batch = model.to_device(qwen_inputs.collate([sample]), device)
@@ -355,11 +378,12 @@ def main():
         constant = evaluate_all(qwen_c, grounder_c, build.build_val_loaders(cfg_c, tokenizer_c, specs,
                                                                             build.sam_size(grounder_c)),
                                 device, autocast, coarse=args.coarse)
-    if args.vis and rank == 0:
+    if args.vis and (rank == 0 or sharded(qwen)):
         for name, (loader, _) in loaders.items():
             folder = os.path.join(out_dir, "vis", name)
             write_overlays(qwen, grounder, loader.dataset, args.vis, folder, device, autocast)
-            print(f"overlays: {folder}")
+            if rank == 0:
+                print(f"overlays: {folder}")
     if rank == 0:
         print(f"{args.ckpt} | protocol {cfg.protocol} | {'coarse (U-Net)' if args.coarse else 'final'} masks")
         if args.baselines:

@@ -55,16 +55,18 @@ def load_qwen(name_or_path, dtype=torch.bfloat16, device="cuda", shard=False):
 
 
 def shard_qwen(qwen, device):
-    """FSDP2 over all ranks of the process group, in place: every vision block, the vision tower (its patch
-    embedding and mergers), every decoder layer, the base model (embeddings, final norm) and the root (lm_head) are
-    units whose weights are all-gathered just before their forward and freed after it. Each rank keeps its own batch
-    and sees every head (unlike tensor parallelism). The vision tower must be a unit of its own: otherwise calling
-    `qwen.model` (as frozen_outputs does) reaches its convolution with sharded weights."""
+    """FSDP2 over all ranks of the process group, in place, shards on `device` (the rank's current GPU): every
+    vision block, the vision tower (patch embedding, mergers), every decoder layer are units whose weights are
+    all-gathered just before their forward and freed after it; the root keeps the rest (embeddings, final norm,
+    lm_head: one unit, as tied embeddings must be) gathered after its first forward. Each rank keeps its own batch
+    and sees every head (unlike tensor parallelism). Every forward goes through the root `qwen` (frozen_outputs does):
+    FSDP2 makes the first unit called the root, after which calling `qwen` fails. Every rank must run the same
+    number of forwards (each all-gathers with the others): `qwen.generate(..., synced_gpus=True)`."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     device = torch.device(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    units = [*qwen.model.visual.blocks, qwen.model.visual, *qwen.model.language_model.layers, qwen.model, qwen]
+    units = [*qwen.model.visual.blocks, qwen.model.visual, *qwen.model.language_model.layers, qwen]
     for unit in units:  # inner units first, as fully_shard requires
         fully_shard(unit, mesh=mesh)
     return qwen
@@ -133,7 +135,8 @@ def capture_attention(module, query, key, value, attention_mask, scaling=None, p
 def varlen_vision_attention(module, query, key, value, attention_mask=None, scaling=None, cu_seq_lens_q=None,
                             max_length_q=None, **kwargs):
     """Non-causal attention within each packed sequence of cu_seq_lens_q (Qwen2.5-VL's windows, or whole images in
-    its full-attention blocks and in every block of Qwen2-VL and Qwen3-VL) as one padded SDPA call. query/key/value (1, heads, T, D) ->
+    its full-attention blocks and in every block of Qwen2-VL and Qwen3-VL) as one padded SDPA call.
+    query/key/value (1, heads, T, D) ->
     ((1, T, heads, D), None), the layout transformers' flash path expects."""
     _, heads, T, D = query.shape
     cu = cu_seq_lens_q.to(query.device, torch.int64)
@@ -170,7 +173,7 @@ def _raster_features(x, grid, visual, windowed):
     The rows are 2x2 merge blocks in raster order (as patchify writes them), except in Qwen2.5-VL (`windowed`), whose
     tower permutes the blocks into window order before its blocks and un-permutes only after the merger; there the
     same index is recomputed with transformers' own function and inverted."""
-    unit = visual.spatial_merge_unit
+    unit = visual.spatial_merge_size ** 2
     x = x.view(-1, unit, x.shape[-1])  # (blocks, 4, C)
     if windowed:
         window_index, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
@@ -260,8 +263,8 @@ def frozen_outputs(qwen, batch, *, vision=False, hidden_layers=0):
         # the layer's output at the phrase rows only: (B, R, C), never the whole (B, S, C) stack of every layer
         handles.append(layer.register_forward_hook(
             lambda module, args, out: hidden.append(out.gather(1, gpu_rows[..., None].expand(-1, -1, out.shape[-1])))))
-    try:  # the base model: no lm_head, its logits are not needed
-        qwen.model(**inputs, use_cache=False, phrase_capture=capture)
+    try:  # through the root (a sharded model's FSDP root), with the vocabulary projection of one position only
+        qwen(**inputs, use_cache=False, logits_to_keep=1, phrase_capture=capture)
     finally:
         for handle in handles:
             handle.remove()

@@ -1,12 +1,15 @@
-"""Qwen2.5-VL inputs by hand: smart-resize, patchify, the chat layout with phrase spans, batching.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL inputs by hand: smart-resize, patchify, the chat layout with phrase spans, batching.
 
-Bit-identical to transformers' `Qwen2VLImageProcessorPil` (tests/test_qwen_inputs.py checks it), with no
-torchvision and no processor object. Conventions: images are PIL, sizes are `(height, width)`, one image
-is `image_grid_thw = [[1, gh, gw]]` (gh, gw in 14-px patches, both even), its `pixel_values` are
-`(gh*gw, 1176)` rows in 2x2 merge-block order, and it becomes `gh*gw // 4` `<|image_pad|>` tokens.
+Bit-identical to transformers' `Qwen2VLImageProcessorPil` built with a checkpoint's own settings (`image_settings`;
+tests/test_qwen_inputs.py checks it), with no torchvision and no processor object. Conventions: images are PIL, sizes
+are `(height, width)`, one image is `image_grid_thw = [[1, gh, gw]]` (gh, gw in patches of `patch_size` px, both
+even), its `pixel_values` are `(gh*gw, 3*temporal*patch*patch)` rows in 2x2 merge-block order (1176 columns for
+Qwen2/2.5-VL's 14-px patches, 1536 for Qwen3-VL's 16-px ones), and it becomes `gh*gw // 4` `<|image_pad|>` tokens.
 """
 import functools
+import json
 import math
+import os
 
 import numpy as np
 import torch
@@ -14,14 +17,18 @@ from PIL import Image
 
 MIN_PIXELS = 3136  # preprocessor_config.json of Qwen2.5-VL-*-Instruct (56*56)
 MAX_PIXELS = 12845056  # idem (28*28*16384); transformers' class default (1003520) is different
-PATCH = 14  # vision patch side, pixels
-MERGE = 2  # 2x2 patches merge into one LLM token
+PATCH = 14  # vision patch side, pixels (Qwen2/2.5-VL; Qwen3-VL: 16)
+MERGE = 2  # 2x2 patches merge into one LLM token (every family)
 TEMPORAL = 2  # a still image is duplicated to 2 frames
-PATCH_DIM = 3 * TEMPORAL * PATCH * PATCH  # 1176 values per pixel_values row
+PATCH_DIM = 3 * TEMPORAL * PATCH * PATCH  # 1176 values per pixel_values row (Qwen3-VL: 1536)
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 SYSTEM = "You are a helpful assistant."
 DEFAULT_PROMPT = "Please describe the objects in this image."  # F-LMM: the expressions are the answer
+# Qwen2VLImageProcessor's class defaults: what a preprocessor_config.json that leaves a key out gets
+PROCESSOR_DEFAULTS = dict(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}, patch_size=14,
+                          temporal_patch_size=2, merge_size=2, image_mean=CLIP_MEAN.tolist(),
+                          image_std=CLIP_STD.tolist())
 
 
 def smart_resize(height, width, factor=28, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
@@ -47,49 +54,88 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def resized_rgb(image, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
-    """The uint8 RGB image the vision tower sees, (h, w, 3) with h, w multiples of 28."""
+def resized_rgb(image, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, factor=PATCH * MERGE):
+    """The uint8 RGB image the vision tower sees, (h, w, 3) with h, w multiples of `factor` (patch * merge)."""
     image = to_rgb(image)
-    h, w = smart_resize(image.height, image.width, PATCH * MERGE, min_pixels, max_pixels)
+    h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
     return np.asarray(image.resize((w, h), Image.BICUBIC))  # PIL skips the resample when the size is unchanged
 
 
-def _normalise_lut():
+@functools.lru_cache(maxsize=8)
+def _normalise_lut(mean, std):
     """(3, 256) float32: the normalised value of every uint8 level per channel, with the official arithmetic
     (rescale by 1/255 in float64, cast to float32, then (x - mean) / std in float32). A uint8 image has only
     256 levels per channel, so a table look-up gives the same bits as normalising every pixel, much faster."""
     levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-    return (levels[None, :] - CLIP_MEAN[:, None]) / CLIP_STD[:, None]
+    mean, std = np.array(mean, dtype=np.float32), np.array(std, dtype=np.float32)
+    return (levels[None, :] - mean[:, None]) / std[:, None]
 
 
-NORMALISE_LUT = _normalise_lut()
-
-
-def patchify(image, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
-    """PIL image -> pixel_values float32 (gh*gw, 1176), image_grid_thw int64 (1, 3) = [[1, gh, gw]]."""
-    rgb = resized_rgb(image, min_pixels, max_pixels)
+def patchify(image, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, *, patch_size=PATCH, merge_size=MERGE,
+             temporal_patch_size=TEMPORAL, image_mean=CLIP_MEAN, image_std=CLIP_STD):
+    """PIL image -> pixel_values float32 (gh*gw, 3*temporal*patch*patch), image_grid_thw int64 (1, 3) = [[1, gh, gw]].
+    The defaults are Qwen2.5-VL's; `patchify(image, **image_settings(checkpoint))` follows any checkpoint."""
+    p, m, t = patch_size, merge_size, temporal_patch_size
+    rgb = resized_rgb(image, min_pixels, max_pixels, factor=p * m)
     h, w = rgb.shape[:2]
-    gh, gw = h // PATCH, w // PATCH
+    gh, gw = h // p, w // p
     # reorder the uint8 pixels first (a quarter of the bytes of float32):
-    # (gh/2, 2, 14, gw/2, 2, 14, 3) -> (gh/2, gw/2, 2, 2, 3, 14, 14): rows in merge-block order, raster blocks
-    x = rgb.reshape(gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH, 3).transpose(0, 3, 1, 4, 6, 2, 5)
-    x = x.reshape(gh * gw, 3, PATCH * PATCH)
-    out = np.empty((gh * gw, 3, TEMPORAL, PATCH * PATCH), np.float32)  # the frame duplicated along time
+    # (gh/m, m, p, gw/m, m, p, 3) -> (gh/m, gw/m, m, m, 3, p, p): rows in merge-block order, raster blocks
+    x = rgb.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5).reshape(gh * gw, 3, p * p)
+    lut = _normalise_lut(tuple(float(v) for v in image_mean), tuple(float(v) for v in image_std))
+    out = np.empty((gh * gw, 3, t, p * p), np.float32)  # the frame repeated along time
     for c in range(3):
-        out[:, c, :] = NORMALISE_LUT[c][x[:, c]][:, None]
-    return torch.from_numpy(out.reshape(gh * gw, PATCH_DIM)), torch.tensor([[1, gh, gw]], dtype=torch.int64)
+        out[:, c, :] = lut[c][x[:, c]][:, None]
+    return torch.from_numpy(out.reshape(gh * gw, 3 * t * p * p)), torch.tensor([[1, gh, gw]], dtype=torch.int64)
 
 
-def unpatchify(pixel_values, image_grid_thw):
-    """Inverse of `patchify` for a batch: one uint8 RGB array (gh*14, gw*14, 3) per row of image_grid_thw."""
-    check_pixels(pixel_values, image_grid_thw)
+def image_settings(name_or_path):
+    """A checkpoint's image processor settings -> the keyword arguments of `patchify` (min_pixels, max_pixels,
+    patch_size, merge_size, temporal_patch_size, image_mean, image_std), read from its preprocessor_config.json the
+    way Qwen2VLImageProcessor reads it: `min_pixels`/`max_pixels` (Qwen2/2.5-VL) override `size: {shortest_edge,
+    longest_edge}` (Qwen3-VL), missing keys take the class defaults. A local directory, or a Hub id whose file is in
+    the local cache or can be downloaded (huggingface_hub; works offline once cached). Settings patchify cannot
+    reproduce (no resize, another resample or rescale) are an error."""
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, "preprocessor_config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: missing; the checkpoint's image settings (patch size, pixel bounds, "
+                                    f"mean/std) are read from it")
+    else:
+        from huggingface_hub import hf_hub_download
+        path = hf_hub_download(name_or_path, "preprocessor_config.json")
+    with open(path) as f:
+        raw = json.load(f)
+    for key, ok in (("do_resize", True), ("do_rescale", True), ("do_normalize", True), ("do_convert_rgb", True),
+                    ("resample", 3), ("rescale_factor", 1 / 255)):  # 3: PIL bicubic
+        if key in raw and raw[key] != ok:
+            raise ValueError(f"{path}: {key}={raw[key]!r}; qwen_inputs.patchify reproduces only {key}={ok!r}")
+    cfg = {**PROCESSOR_DEFAULTS, **raw}
+    size = dict(cfg["size"])
+    size["shortest_edge"] = cfg.get("min_pixels") or size.get("shortest_edge")  # as the processor: null = absent
+    size["longest_edge"] = cfg.get("max_pixels") or size.get("longest_edge")
+    if not size["shortest_edge"] or not size["longest_edge"]:
+        raise ValueError(f"{path}: no pixel bounds (min_pixels/max_pixels or size: {{shortest_edge, longest_edge}})")
+    return dict(min_pixels=int(size["shortest_edge"]), max_pixels=int(size["longest_edge"]),
+                patch_size=int(cfg["patch_size"]), merge_size=int(cfg["merge_size"]),
+                temporal_patch_size=int(cfg["temporal_patch_size"]), image_mean=[float(v) for v in cfg["image_mean"]],
+                image_std=[float(v) for v in cfg["image_std"]])
+
+
+def unpatchify(pixel_values, image_grid_thw, *, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL,
+               image_mean=CLIP_MEAN, image_std=CLIP_STD, min_pixels=None, max_pixels=None):
+    """Inverse of `patchify` for a batch: one uint8 RGB array (gh*patch, gw*patch, 3) per row of image_grid_thw.
+    Takes the settings patchify was given (`**image_settings(checkpoint)`; the pixel bounds play no part here)."""
+    p, m, t = patch_size, merge_size, temporal_patch_size
+    check_pixels(pixel_values, image_grid_thw, 3 * t * p * p)
+    mean, std = np.array(image_mean, dtype=np.float32), np.array(image_std, dtype=np.float32)
     images, start = [], 0
-    for t, gh, gw in image_grid_thw.tolist():
-        x = pixel_values[start:start + t * gh * gw].double().numpy()
-        start += t * gh * gw
-        x = x.reshape(gh // MERGE, gw // MERGE, MERGE, MERGE, 3, TEMPORAL, PATCH, PATCH)[..., 0, :, :]
-        x = x.transpose(0, 2, 5, 1, 3, 6, 4).reshape(gh * PATCH, gw * PATCH, 3)  # first frame, (H, W, 3)
-        images.append(np.clip(np.rint((x * CLIP_STD + CLIP_MEAN) * 255), 0, 255).astype(np.uint8))
+    for frames, gh, gw in image_grid_thw.tolist():
+        x = pixel_values[start:start + frames * gh * gw].double().numpy()
+        start += frames * gh * gw
+        x = x.reshape(gh // m, gw // m, m, m, 3, t, p, p)[..., 0, :, :]
+        x = x.transpose(0, 2, 5, 1, 3, 6, 4).reshape(gh * p, gw * p, 3)  # first frame, (H, W, 3)
+        images.append(np.clip(np.rint((x * std + mean) * 255), 0, 255).astype(np.uint8))
     return images
 
 
@@ -167,15 +213,17 @@ def phrase_counts(batch):
     return (batch["mask_ids"].max(1).values + 1).tolist()
 
 
-def check_pixels(pixel_values, image_grid_thw):
-    """Raise a readable ValueError unless pixel_values is (sum of t*gh*gw, 1176) for image_grid_thw (B, 3)."""
+def check_pixels(pixel_values, image_grid_thw, patch_dim=None):
+    """Raise a readable ValueError unless pixel_values is (sum of t*gh*gw, patch_dim) for image_grid_thw (B, 3).
+    patch_dim: the row width the vision tower takes (3*temporal*patch*patch: 1176, Qwen3-VL 1536); None: any."""
     if image_grid_thw is None:
         raise ValueError("image_grid_thw is missing: it is the only record of each image's patch grid and cannot be "
                          "recovered from pixel_values; keep the one qwen_inputs.patchify returned with each image")
-    if pixel_values is None or pixel_values.dim() != 2 or pixel_values.shape[1] != PATCH_DIM:
+    if pixel_values is None or pixel_values.dim() != 2 or pixel_values.shape[1] != (patch_dim or pixel_values.shape[1]):
         shape = None if pixel_values is None else tuple(pixel_values.shape)
-        raise ValueError(f"pixel_values must be 2-D (num_patches, {PATCH_DIM}) as qwen_inputs.patchify makes it, "
-                         f"got shape {shape} (an image tensor [B, C, H, W] is not Qwen2.5-VL input)")
+        raise ValueError(f"pixel_values must be 2-D (num_patches, {patch_dim or '3*temporal*patch*patch'}) as "
+                         f"qwen_inputs.patchify makes it with the checkpoint's image_settings, got shape {shape} (an "
+                         f"image tensor [B, C, H, W] is not Qwen-VL input; 1176 columns are 14-px patches, 1536 16-px)")
     grid = torch.as_tensor(image_grid_thw)
     if grid.dim() != 2 or grid.shape[1] != 3:
         raise ValueError(f"image_grid_thw must be (num_images, 3), got shape {tuple(grid.shape)}")
@@ -191,9 +239,10 @@ def check_pixels(pixel_values, image_grid_thw):
                          f"image_grid_thw row, and pixel_values must be the patches of exactly those images")
 
 
-def check_inputs(batch, image_token_id=None):
-    """The consistency check run before every forward of the frozen model (raises ValueError naming the sample)."""
-    check_pixels(batch.get("pixel_values"), batch.get("image_grid_thw"))
+def check_inputs(batch, image_token_id=None, patch_dim=None):
+    """The consistency check run before every forward of the frozen model (raises ValueError naming the sample);
+    image_token_id and patch_dim (pixel_values columns) are the model's, when given."""
+    check_pixels(batch.get("pixel_values"), batch.get("image_grid_thw"), patch_dim)
     grid, mm = batch["image_grid_thw"], batch["mm_token_type_ids"]
     if len(grid) != len(batch["input_ids"]):
         raise ValueError(f"image_grid_thw has {len(grid)} rows for a batch of {len(batch['input_ids'])} sequences: "

@@ -64,7 +64,11 @@ def tiny_sam_config():
 def build_tiny_sam(out_dir, seed=0):
     """Write a random tiny `SamModel` (`tiny_sam_config`) to `out_dir`; it loads with `load_sam(out_dir)`."""
     torch.manual_seed(seed)
-    SamModel(tiny_sam_config()).save_pretrained(out_dir)
+    sam = SamModel(tiny_sam_config())
+    with torch.no_grad():  # transformers draws the Fourier matrix with std hidden/2 (32 here); segment-anything's is
+        # std 1: at 32 a box corner's encoding aliases over the frame and a random tiny SAM cannot learn where it is
+        sam.shared_image_embedding.positional_embedding.normal_(0, 1)
+    sam.save_pretrained(out_dir)
     return out_dir
 
 

@@ -169,6 +169,55 @@ def _load_meta(path):
         return json.load(f)
 
 
+# ------------------------------------------------------------------------------------- the tiny SAM
+
+def build_synthetic_sam(out_dir, root, *, seed=0, steps=400, images_per_step=8, lr=3e-3):
+    """Write the demo's SAM: refiner's tiny SAM, trained (all of it, seeded) to segment the synthetic training
+    objects from jittered box prompts, so that, like a real SAM, it knows this world's edges. A random tiny SAM knows
+    none; a few hundred CPU steps reach IoU ~0.85 from boxes. Loads with `refiner.load_sam(out_dir)`."""
+    import torch.nn.functional as F
+    from data import load_refer, resize_masks, union_mask
+    from refiner import build_tiny_sam, load_sam, sam_image
+    by_image = {}
+    for r in load_refer(root, "synthetic", "unc", "train"):
+        by_image.setdefault(r["image_id"], []).append(r)
+    images = list(by_image.values())
+    build_tiny_sam(out_dir, seed)
+    sam = load_sam(out_dir, device="cpu").train()
+    size = sam.config.vision_config.image_size
+    rng, per_image = np.random.default_rng(seed), 3  # boxes per image: SamModel takes (B, boxes, 4)
+    opt = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    for step in range(steps):
+        pixels, boxes, targets = [], [], []
+        for i in rng.choice(len(images), images_per_step, replace=False):
+            refs = [images[i][k % len(images[i])] for k in range(per_image)]
+            with Image.open(os.path.join(root, "images", refs[0]["file_name"])) as image:
+                sam_input = sam_image(image, size)
+            rh, rw = sam_input["sam_size"]
+            pixels.append(sam_input["sam_pixel_values"])
+            for r in refs:
+                target = resize_masks(union_mask(r["segmentations"], r["height"], r["width"])[None], rh, rw)[0]
+                ys, xs = np.nonzero(target.numpy())
+                box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+                box += rng.normal(0, 0.1, 4).astype(np.float32) * np.tile(box[2:] - box[:2], 2)  # a loose box
+                boxes.append(box)
+                targets.append(target)
+        low_res = sam(pixel_values=torch.stack(pixels), input_boxes=torch.from_numpy(np.stack(boxes)).view(
+            images_per_step, per_image, 4), multimask_output=False).pred_masks  # (B, boxes, 1, m, m)
+        x = F.interpolate(low_res.flatten(0, 2)[:, None], size=(size, size), mode="bilinear", align_corners=False)
+        x = x[:, 0, :rh, :rw].flatten(1)  # (B*boxes, rh*rw): every synthetic image has the same frame
+        m = torch.stack(targets).flatten(1).float()
+        p = x.sigmoid()
+        loss = F.binary_cross_entropy_with_logits(x, m) + (1 - (2 * (p * m).sum(1) + 1) / (p.sum(1) + m.sum(1) + 1)).mean()
+        for group in opt.param_groups:  # cosine to 0
+            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sam.save_pretrained(out_dir)
+    return out_dir
+
+
 # ------------------------------------------------------------------------------------- the tiny VLM
 
 # Qwen's special tokens, in Qwen's order (151643 ...); the tiny tokenizer appends them after its BPE vocab.
@@ -178,16 +227,35 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_s
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 QWEN_PRETOKENIZE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # model_type of each family's checkpoint
+# The image processor settings each family's Hub checkpoints write to preprocessor_config.json (Qwen2/2.5-VL as
+# min_pixels/max_pixels, Qwen3-VL as size), so that qwen_inputs.image_settings reads a tiny checkpoint like a real one.
+QWEN2_PREPROCESSOR = dict(min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2,
+                          image_mean=[0.48145466, 0.4578275, 0.40821073],
+                          image_std=[0.26862954, 0.26130258, 0.27577711], image_processor_type="Qwen2VLImageProcessor")
+QWEN3_PREPROCESSOR = dict(size={"longest_edge": 16777216, "shortest_edge": 65536}, patch_size=16, temporal_patch_size=2,
+                          merge_size=2, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+                          image_processor_type="Qwen2VLImageProcessorFast")
 
 
-def build_tiny_qwen(out_dir, texts, *, seed=0, hidden=128, layers=4, heads=4, kv_heads=2, vision_hidden=64,
-                    vision_depth=2, vocab_size=512, init_std=0.02):
-    """Write a random tiny Qwen2.5-VL and a BPE tokenizer trained on `texts` to `out_dir` (offline, seeded).
+def build_tiny_qwen(out_dir, texts, *, family="qwen2_5_vl", seed=0, hidden=128, layers=4, heads=4, kv_heads=2,
+                    vision_hidden=64, vision_depth=2, vocab_size=512, init_std=0.02, experts=4, experts_per_token=2,
+                    tied=False):
+    """Write a random tiny VLM of `family` (one of TINY_FAMILIES), its preprocessor_config.json and a BPE tokenizer
+    trained on `texts` to `out_dir` (offline, seeded).
 
-    The result loads with `load_qwen(out_dir)` like a real checkpoint: same classes, same chat layout, same
-    special tokens (at other ids). head_dim = hidden // heads; mrope_section splits head_dim/2 as 1:1.5:1.5.
+    The result loads with `load_qwen(out_dir)` like a real checkpoint: same classes, same chat layout, same special
+    tokens (at other ids), the family's image settings (Qwen3-VL: 16-px patches, mean/std 0.5). head_dim = hidden //
+    heads. Qwen2/2.5-VL: mrope_section splits head_dim/2 as 1:1.5:1.5, vision `vision_depth` blocks (Qwen2.5-VL:
+    112-px windows, the last block full). Qwen3-VL: interleaved M-RoPE, q/k norms, DeepStack from the first vision
+    blocks into the first decoder layers; qwen3_vl_moe: `experts` experts, `experts_per_token` active, in every layer.
+    tied: lm_head shares the input embeddings (as in Qwen2.5-VL-3B and Qwen3-VL-2B/4B).
     """
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen3VLConfig,
+                              Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"build_tiny_qwen: family must be one of {TINY_FAMILIES}, got {family!r}")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE), behavior="isolated"),
@@ -201,23 +269,52 @@ def build_tiny_qwen(out_dir, texts, *, seed=0, hidden=128, layers=4, heads=4, kv
     tokenizer.chat_template = CHAT_TEMPLATE
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = hidden // heads
-    section = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]
-    section[0] += head_dim // 2 - sum(section)
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=4096, rope_parameters=dict(rope_type="default", rope_theta=1e6,
-                                                                            mrope_section=section),
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"], initializer_range=init_std),
-        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
-                           num_heads=max(1, vision_hidden // 32), out_hidden_size=hidden, window_size=112,
-                           fullatt_block_indexes=[vision_depth - 1], initializer_range=init_std),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                  tie_word_embeddings=tied)
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                initializer_range=init_std)
+    vision_heads = max(1, vision_hidden // 32)
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        section = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]
+        section[0] += head_dim // 2 - sum(section)
+        text["rope_parameters"] = dict(rope_type="default", rope_theta=1e6, mrope_section=section)
+    else:  # Qwen3-VL's proportions (24:20:20 of 64), interleaved over the frequencies
+        h = head_dim * 5 // 32
+        text.update(head_dim=head_dim, rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_interleaved=True,
+                                                            mrope_section=[head_dim // 2 - 2 * h, h, h]))
+    if family == "qwen2_5_vl":  # unchanged from the first tiny model: the demo's numbers depend on these weights
+        cfg = Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
+                               num_heads=vision_heads, out_hidden_size=hidden, window_size=112,
+                               fullatt_block_indexes=[vision_depth - 1], initializer_range=init_std), **tokens)
+        model_class = Qwen2_5_VLForConditionalGeneration
+    elif family == "qwen2_vl":  # Qwen2-VL's vision config calls its width embed_dim and its output hidden_size
+        cfg = Qwen2VLConfig(text_config=text, vision_config=dict(
+            depth=vision_depth, embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2, num_heads=vision_heads,
+            initializer_range=init_std), **tokens)
+        model_class = Qwen2VLForConditionalGeneration
+    else:
+        vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
+                      num_heads=vision_heads, out_hidden_size=hidden, num_position_embeddings=256,  # a 16x16 table
+                      deepstack_visual_indexes=list(range(max(1, vision_depth - 1)))[:min(3, layers)],
+                      initializer_range=init_std)
+        if family == "qwen3_vl":
+            cfg = Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
+            model_class = Qwen3VLForConditionalGeneration
+        else:
+            text.update(num_experts=experts, num_experts_per_tok=experts_per_token, moe_intermediate_size=hidden,
+                        decoder_sparse_step=1, tie_word_embeddings=tied)  # (read into the outer config)
+            cfg = Qwen3VLMoeConfig(text_config=text, vision_config=vision, **tokens)
+            model_class = Qwen3VLMoeForConditionalGeneration
     torch.manual_seed(seed)
-    qwen = Qwen2_5_VLForConditionalGeneration(cfg)
+    qwen = model_class(cfg)
     os.makedirs(out_dir, exist_ok=True)
     qwen.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+        json.dump(QWEN3_PREPROCESSOR if family.startswith("qwen3") else QWEN2_PREPROCESSOR, f, indent=2)
     return out_dir

@@ -263,7 +263,8 @@ def train(cfg, device, rank=0, world=1, show_config=True):
             terms.zero_()
             t0, seen = time.time(), 0
         if writer is not None and cfg.vis_every and step % cfg.vis_every == 0 and "pixel_values" in batch:
-            writer.add_image("train/pred_vs_true", evaluation.overlay_grid(batch, out), step, dataformats="HWC")
+            picture = evaluation.overlay_grid(batch, out, build.image_settings(cfg, tokenizer))
+            writer.add_image("train/pred_vs_true", picture, step, dataformats="HWC")
         if step % cfg.ckpt_every == 0 or last:
             rng = [torch.get_rng_state() for _ in range(world)]
             if ddp:

@@ -175,7 +175,10 @@ def test_check_names_the_seed_failures(tiny_qwen):
         qi.check_pixels(torch.zeros(1564, 1176), None)
     # an image tensor where patches belong
     with pytest.raises(ValueError, match=r"2-D \(num_patches, 1176\).*\(1, 3, 476, 644\)"):
-        qi.check_pixels(torch.zeros(1, 3, 476, 644), grid)
+        qi.check_pixels(torch.zeros(1, 3, 476, 644), grid, 1176)
+    # Qwen3-VL's 16-px patches given to a 14-px model
+    with pytest.raises(ValueError, match=r"2-D \(num_patches, 1176\).*\(1564, 1536\)"):
+        qi.check_pixels(torch.zeros(1564, 1536), grid, 1176)
     # a batch whose pad-token count does not match its grid names the sample
     samples = [make_sample(tok, (56, 56), ["dog"]), make_sample(tok, (112, 112), ["cat"])]
     batch = qi.collate(samples)
