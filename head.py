@@ -161,11 +161,22 @@ def bce_dice(logits, masks):
     return torch.cat(bce)[inverse.to(bce[0].device)], torch.cat(dice)[inverse.to(bce[0].device)]
 
 
+def loss_names(grounder):
+    """The names `losses` returns for this grounder (train.py logs them on every rank, also one that had no batch)."""
+    return ["bce", "dice"] + (["sam_bce", "sam_dice"] if grounder.refiner is not None else [])
+
+
+def losses(out, batch):
+    """Grounder output + its batch -> {name: (per-item values, unit)}: the per-phrase mask terms of phrase_losses
+    with unit "phrase". train.py divides each term's sum by the step's count of its unit (over micro-batches and
+    ranks) and adds them up; a term averaged per sequence would come with unit "sequence"."""
+    return {name: (v, "phrase") for name, v in phrase_losses(out, batch).items()}
+
+
 def phrase_losses(out, batch):
     """Grounder output + its batch -> dict of (P,) per-phrase terms over the phrases that carry a mask
     (batch["supervised"]): bce, dice on the coarse masks (batch["masks"], at the head's resolution) and, with a
-    refiner, sam_bce, sam_dice on the refined ones (batch["sam_masks"], in SAM's frame). The loss of a step is
-    their sum over terms and phrases divided by the step's phrase count (train.py)."""
+    refiner, sam_bce, sam_dice on the refined ones (batch["sam_masks"], in SAM's frame)."""
     keep = [bool(s) for ss in batch["supervised"] for s in ss]
 
     def supervised(xs):

@@ -113,13 +113,14 @@ def check_finite(recent, ckpt_path, device):
                        f"good checkpoint is {ckpt_path}")
 
 
-def step_phrases(micro, device):
-    """Supervised phrases in this optimiser step over every micro-batch and rank: the loss divides by it, so that
-    grad_accum x batch_size on N processes gives the gradient of one batch of all those phrases."""
-    n = torch.tensor(float(sum(sum(map(bool, s)) for b in micro for s in b.get("supervised", []))), device=device)
+def step_counts(micro, device):
+    """(supervised phrases, sequences) in this optimiser step over every micro-batch and rank: each loss term divides
+    by its own count, so that grad_accum x batch_size on N processes gives the gradient of one batch of all of them."""
+    phrases = sum(sum(map(bool, s)) for b in micro for s in b.get("supervised", []))
+    n = torch.tensor([float(phrases), float(sum(len(b.get("phrases", [])) for b in micro))], device=device)
     if dist.is_initialized():
         dist.all_reduce(n)
-    return n.clamp(min=1)
+    return dict(phrase=n[0].clamp(min=1), sequence=n[1].clamp(min=1))
 
 
 def idle_backward(grounder, device):
@@ -131,11 +132,13 @@ def idle_backward(grounder, device):
 
 
 def log_line(cfg, writer, step, terms, lr, grad_norm, rate):
-    """Average the summed loss terms since the last line (one host sync), then tensorboard, log.jsonl and tqdm."""
+    """Average the summed loss terms since the last line (one host sync), then tensorboard, log.jsonl and tqdm.
+    terms: {name: (2,) sum and count} on the device, the same names on every rank (heads.loss_names)."""
+    stacked = torch.stack(list(terms.values()))  # (terms, 2)
     if dist.is_initialized():
-        dist.all_reduce(terms)
-    values = (terms[:-1] / terms[-1].clamp(min=1)).tolist()
-    scalars = dict(zip(TERMS, values), lr=lr, grad_norm=float(grad_norm), samples_per_s=rate)
+        dist.all_reduce(stacked)
+    means = dict(zip(terms, (stacked[:, 0] / stacked[:, 1].clamp(min=1)).tolist()))
+    scalars = dict(loss=sum(means.values()), **means, lr=lr, grad_norm=float(grad_norm), samples_per_s=rate)
     if writer is not None:
         for name, v in scalars.items():
             writer.add_scalar(f"train/{name}", v, step)
@@ -151,9 +154,6 @@ def periodic_eval(qwen, grounder, val_loaders, device, autocast, cfg, writer, st
         for k, v in m.items():
             if writer is not None:
                 writer.add_scalar(f"eval/{name}/{k}", v, step)
-
-
-TERMS = ("loss", "bce", "dice", "sam_bce", "sam_dice")  # logged per phrase; the sam_ terms are 0 without a refiner
 
 
 def train(cfg, device, rank=0, world=1, show_config=True):
@@ -214,7 +214,8 @@ def train(cfg, device, rank=0, world=1, show_config=True):
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True, file=sys.stdout, mininterval=2)
     t0, seen, skipped = time.time(), 0, set()
     recent = []  # (step, sample ids, loss) since the last finiteness check
-    terms = torch.zeros(len(TERMS) + 1, device=device)  # per-phrase sums of each term, and the phrase count
+    names = heads.loss_names(grounder)
+    terms = {name: torch.zeros(2, device=device) for name in names}  # sum and count of each term since the last line
     while step < total:
         lr = lr_at(step, total, cfg, peak)
         for group in optimizer.param_groups:
@@ -224,7 +225,7 @@ def train(cfg, device, rank=0, world=1, show_config=True):
 
         grounder.train()
         micro = [next(batches) for _ in range(cfg.grad_accum)]
-        n_phrases = step_phrases(micro, device)
+        counts = step_counts(micro, device)
         for k, batch in enumerate(micro):
             skipped.update(batch["skipped"])
             sync = contextlib.nullcontext() if not ddp or k == cfg.grad_accum - 1 else trained.no_sync()
@@ -237,14 +238,13 @@ def train(cfg, device, rank=0, world=1, show_config=True):
                 batch = model.to_device(batch, device)
                 with autocast:
                     out = trained(build.extract(qwen, grounder, batch))
-                    parts = heads.phrase_losses(out, batch)
-                    per_phrase = sum(parts.values())  # (P,)
-                    loss = per_phrase.sum() / n_phrases * world  # DDP averages over ranks: undo it
+                    parts = heads.losses(out, batch)  # name -> (per-item values, "phrase" | "sequence")
+                    # DDP averages over ranks: * world undoes it
+                    loss = sum(v.sum() / counts[unit] for v, unit in parts.values()) * world
                 recent.append((step, batch["ids"], loss.detach()))
                 scaler.scale(loss).backward()
-            terms += torch.stack([per_phrase.detach().sum()] + [parts[t].detach().sum() if t in parts else
-                                                                 per_phrase.new_zeros(()) for t in TERMS[1:]]
-                                 + [per_phrase.new_tensor(float(len(per_phrase)))])
+            for name, (v, _) in parts.items():
+                terms[name] += torch.stack([v.detach().float().sum(), v.new_tensor(float(v.numel()))])
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(grounder.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
@@ -260,7 +260,7 @@ def train(cfg, device, rank=0, world=1, show_config=True):
         if step % cfg.log_every == 0 or last:
             scalars = log_line(cfg, writer, step, terms, lr, grad_norm, seen * world / (time.time() - t0))
             bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.1e}", samples_s=f"{scalars['samples_per_s']:.1f}")
-            terms.zero_()
+            terms = {name: torch.zeros(2, device=device) for name in names}
             t0, seen = time.time(), 0
         if writer is not None and cfg.vis_every and step % cfg.vis_every == 0 and "pixel_values" in batch:
             picture = evaluation.overlay_grid(batch, out, build.image_settings(cfg, tokenizer))
