@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+import build
 import data
 import head as heads
 import model
 import qwen_inputs
+import refiner
 import synthetic
 
 PHRASES = ["the man in the red shirt", "a white dog on the left", "the bicycle near the wall"]
@@ -80,7 +82,7 @@ def arch_config(name, tiny_dir):
     return cfg
 
 
-def build(name, device, workdir):
+def build_model(name, device, workdir):
     """(qwen, tokenizer): a local checkpoint as it is, else random weights: "tiny" (a wider tiny Qwen2.5-VL) or a
     full-size ARCH name. For those the tokenizer is the tiny BPE one of the same family (its image settings too) and
     the config's special-token ids point into it."""
@@ -162,13 +164,66 @@ def rss(field):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def sample(tokenizer, rng, size):
+def sample(tokenizer, rng, size, sam_side=0, image_id=0):
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     pixel_values, grid = qwen_inputs.patchify(image, **tokenizer.image_settings)
     patch = tokenizer.image_settings["patch_size"]
     masks = torch.from_numpy(rng.random((len(PHRASES), int(grid[0, 1]) * patch, int(grid[0, 2]) * patch)) > 0.7).float()
-    return dict(qwen_inputs.build_inputs(tokenizer, grid, PHRASES), pixel_values=pixel_values, image_grid_thw=grid,
-                masks=masks, supervised=[True] * len(PHRASES))
+    out = dict(qwen_inputs.build_inputs(tokenizer, grid, PHRASES), pixel_values=pixel_values, image_grid_thw=grid,
+               masks=masks, supervised=[True] * len(PHRASES), image_id=image_id)
+    if sam_side:  # the refiner's inputs and targets, as the DataLoader prepares them
+        out.update(refiner.sam_image(image, sam_side))
+        out["sam_masks"] = torch.from_numpy(rng.random((len(PHRASES), *out["sam_size"])) > 0.7)
+    return out
+
+
+SAM_ARCH = {"tiny": None, "vit_b": dict(), "vit_l": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                                          global_attn_indexes=[5, 11, 17, 23])}
+
+
+def bench_refiner(qwen, tokenizer, sam_name, bs, size, device, repeats, workdir):
+    """Training step time and peak memory per sample: U-Net only vs + SAM refiner (batched phrases) vs + refiner with
+    F-LMM's per-phrase loop (the same SAM image encoder pass per image in both)."""
+    from transformers import SamConfig, SamModel
+    if SAM_ARCH[sam_name] is None:
+        sam_dir = refiner.build_tiny_sam(os.path.join(workdir, "sam"))
+    else:
+        torch.manual_seed(0)
+        sam_dir = os.path.join(workdir, "sam")
+        SamModel(SamConfig(vision_config=SAM_ARCH[sam_name])).save_pretrained(sam_dir)
+    kwargs = build.grounder_kwargs(build.Config(refiner=dict(sam=sam_dir)), qwen)
+    grounder = build.build_grounder(kwargs, device)
+    side = build.sam_size(grounder)
+    rng = np.random.default_rng(1)
+    batch = model.to_device(qwen_inputs.collate([sample(tokenizer, rng, size, side, i) for i in range(bs)]), device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    opt = torch.optim.AdamW([p for p in grounder.parameters() if p.requires_grad], lr=1e-4)
+    per_phrase_refiner = grounder.refiner.forward
+
+    def loop(coarse, embeddings, phrase_image, hidden, sam_sizes):  # F-LMM: one prompt encoder + decoder per phrase
+        return [per_phrase_refiner([c], embeddings, [i], [h], sam_sizes)[0]
+                for c, i, h in zip(coarse, phrase_image, hidden)]
+
+    def step(refine):
+        with autocast:
+            if refine:  # + hidden states and SAM's image embeddings from the frozen models, + the refiner
+                out = grounder(build.extract(qwen, grounder, batch))
+            else:
+                out = dict(coarse=grounder.head(model.frozen_outputs(qwen, batch)["maps"]))
+            loss = sum(v.sum() for v, _ in heads.losses(out, batch).values())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    res = {}
+    for name, refine, fn in (("unet", False, per_phrase_refiner), ("refiner_batched", True, per_phrase_refiner),
+                             ("refiner_per_phrase", True, loop)):
+        grounder.refiner.forward = fn
+        t, m = timed(lambda: step(refine), device, repeats)
+        res[name] = {"step_s": t, "peak_added_bytes": m, "ms_per_sample": 1e3 * t / bs}
+    grounder.refiner.forward = per_phrase_refiner
+    res["refiner_step_vs_unet"] = res["refiner_batched"]["step_s"] / res["unet"]["step_s"]
+    res["batched_speedup_vs_per_phrase"] = res["refiner_per_phrase"]["step_s"] / res["refiner_batched"]["step_s"]
+    return res
 
 
 def main():
@@ -180,6 +235,8 @@ def main():
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers for the loader benchmark")
     parser.add_argument("--image_size", default="640x480", help="WxH of the benchmark images (640x480: 391 tokens)")
     parser.add_argument("--quick", action="store_true", help="one repeat, batch 1 only (keeps the script working)")
+    parser.add_argument("--sam", default="tiny", choices=list(SAM_ARCH) + ["none"],
+                        help="SAM for the refiner rows (random weights): tiny, vit_b, vit_l (F-LMM's) or none")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = tuple(int(v) for v in args.image_size.split("x"))
@@ -189,7 +246,7 @@ def main():
     repeats = 1 if args.quick else args.repeats
     batch_sizes = [1] if args.quick else [int(b) for b in args.batch_sizes.split(",")]
     workdir = tempfile.mkdtemp()
-    qwen, tokenizer = build(args.model, device, workdir)
+    qwen, tokenizer = build_model(args.model, device, workdir)
     rng = np.random.default_rng(0)
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
            "model": args.model, "dtype": str(dtype_for(device)), "torch": torch.__version__}
@@ -287,7 +344,16 @@ def main():
     rows.append((f"capture per sample at batch {best}", f"{1e3 * res['train'][best]['capture_s'] / best:.1f} ms",
                  f"F-LMM {1e3 * t_flmm:.1f} ms", f"{res['capture_speedup_vs_flmm_batched']:.2f}x faster"))
 
-    # 4. the DataLoader with workers vs what the training step consumes
+    # 4. the SAM refiner's cost over the U-Net-only step, batched vs F-LMM's per-phrase loop
+    if args.sam != "none":
+        ref = res["refiner"] = bench_refiner(qwen, tokenizer, args.sam, best, size, device, repeats, workdir)
+        ref["sam"] = args.sam
+        for name in ("unet", "refiner_batched", "refiner_per_phrase"):
+            rows.append((f"step {name}, SAM {args.sam}, batch {best}", f"{ref[name]['ms_per_sample']:.1f} ms/sample",
+                         f"+{ref[name]['peak_added_bytes'] / mb:.0f} MiB",
+                         f"{ref[name]['step_s'] / ref['unet']['step_s']:.2f}x"))
+
+    # 5. the DataLoader with workers vs what the training step consumes
     # enough images for several batches per worker; the first epoch starts the (persistent) workers, the second
     # is timed, as in training where workers live for the whole run
     n_images = 16 if args.quick else max(128, 4 * best * max(1, args.workers))
@@ -314,6 +380,9 @@ def main():
                 "capture_speedup_vs_flmm_batched", "capture_time_vs_our_forward_batched", "capture_memory_vs_flmm",
                 "train_step_time_vs_floor", "train_samples_per_s"):
         print(f"{key} = {res[key]:.3f}")
+    for key in ("refiner_step_vs_unet", "batched_speedup_vs_per_phrase"):
+        if "refiner" in res:
+            print(f"{key} = {res['refiner'][key]:.3f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
