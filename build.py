@@ -21,6 +21,7 @@ import data
 import head as heads
 import model
 import refiner
+import selector as selection
 import synthetic
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -38,6 +39,8 @@ class Config:
     refiner: dict = field(default_factory=dict)  # F-LMM's SAM refiner; empty = off. sam: Hub id, local dir, "tiny"
     # (random) or "synthetic" (the demo's: tiny, trained on the synthetic masks once); text_layers: how many last VLM
     # layers' hidden states form its text prompt (0 = all, as F-LMM)
+    selector: dict = field(default_factory=dict)  # the learned phrase selector (chat.py); empty = off. layers: how
+    # many last VLM layers' hidden states of the answer tokens it reads (0 = all); width: its channels (default 128)
     # data
     synthetic: dict = field(default_factory=dict)  # synthetic.make_synthetic kwargs; written once, then reused
     train_data: list = field(default_factory=list)  # data.build_dataset specs, mixed by concatenation
@@ -52,6 +55,7 @@ class Config:
     max_length: int = 4096  # longest token sequence allowed (a clear error above it)
     skip_bad: bool = False  # skip and count broken images / annotations instead of stopping
     num_workers: int = 4  # DataLoader workers per process: decode, patchify, tokenize, masks
+    cache_dir: str = ""  # train/eval from the frozen outputs cache.py extracted here (no VLM loads); "" = online
     # optimisation (F-LMM's recipe)
     batch_size: int = 16  # images PER PROCESS per micro-step (global: x grad_accum x processes); all referred
     # objects of an image in one sequence
@@ -191,11 +195,12 @@ def image_settings(cfg, tokenizer):
     return {**tokenizer.image_settings, **overrides}
 
 
-def grounder_kwargs(cfg, qwen):
-    """The constructor arguments of the trainable modules for this VLM (saved in the checkpoint)."""
-    text, vision = qwen.config.text_config, qwen.config.vision_config
+def grounder_kwargs(cfg, config):
+    """The constructor arguments of the trainable modules for this VLM's config (`qwen.config`, or a cache's
+    `cache.model_config`; saved in the checkpoint)."""
+    text, vision = config.text_config, config.vision_config
     head = dict(in_channels=text.num_hidden_layers * text.num_attention_heads,
-                vision_channels=model.vision_channels(qwen.config) if cfg.vision_features else 0,
+                vision_channels=model.vision_channels(config) if cfg.vision_features else 0,
                 token_px=vision.patch_size * vision.spatial_merge_size, **cfg.head)
     refine = None
     if cfg.refiner:
@@ -219,7 +224,15 @@ def grounder_kwargs(cfg, qwen):
         if not 0 < layers <= text.num_hidden_layers:
             raise SystemExit(f"refiner.text_layers must be in 1..{text.num_hidden_layers} (0 = all), got {layers}")
         refine = dict(sam=sam, hidden_size=text.hidden_size, text_layers=layers)
-    return dict(head=head, refiner=refine)
+    kwargs = dict(head=head, refiner=refine)
+    if cfg.selector:  # the key only with a selector: older checkpoints' kwargs stay equal (resume compares them)
+        unknown = sorted(set(cfg.selector) - {"layers", "width"})
+        layers = cfg.selector.get("layers", 0) or text.num_hidden_layers
+        if unknown or not 0 < layers <= text.num_hidden_layers:
+            raise SystemExit(f"selector: takes layers (1..{text.num_hidden_layers}, 0 = all) and width; got "
+                             f"{cfg.selector}")
+        kwargs["selector"] = dict(hidden_size=text.hidden_size, layers=layers, width=cfg.selector.get("width", 128))
+    return kwargs
 
 
 def build_grounder(kwargs, device="cpu"):
@@ -230,7 +243,8 @@ def build_grounder(kwargs, device="cpu"):
         r = kwargs["refiner"]
         refine = refiner.Refiner(refiner.load_sam(r["sam"], device=device), hidden_size=r["hidden_size"],
                                  text_layers=r["text_layers"])
-    return heads.Grounder(heads.MaskHead(**kwargs["head"]), refine).to(device)
+    select = selection.Selector(**kwargs["selector"]) if kwargs.get("selector") else None
+    return heads.Grounder(heads.MaskHead(**kwargs["head"]), refine, select).to(device)
 
 
 def sam_size(grounder):
@@ -247,8 +261,10 @@ def extract(qwen, grounder, batch):
         return batch["frozen"]
     grounder = getattr(grounder, "module", grounder)  # DDP-wrapped or not
     refine = grounder.refiner
+    select = grounder.selector
     frozen = model.frozen_outputs(qwen, batch, vision=grounder.head.vision_channels > 0,
-                                  hidden_layers=refine.layer_weights.numel() if refine is not None else 0)
+                                  hidden_layers=refine.layer_weights.numel() if refine is not None else 0,
+                                  answer_layers=select.layer_weights.numel() if select is not None else 0)
     if refine is not None:  # SAM's image encoder once per distinct image (the sentence layout repeats images)
         first = {}
         for i, image_id in enumerate(batch["image_id"]):
@@ -269,9 +285,12 @@ def check_data(cfg, specs):
         raise SystemExit("data not found (paths are relative to where you run the script):\n  " + "\n  ".join(missing))
 
 
-def build_dataset(cfg, tokenizer, spec, train, sam_side=0):
-    return data.build_dataset(spec, tokenizer, train=train, protocol=cfg.protocol,
-                              image_settings=image_settings(cfg, tokenizer), skip_bad=cfg.skip_bad,
+def build_dataset(cfg, tokenizer, spec, train, sam_side=0, settings=None):
+    """settings: patchify's keyword arguments (None: image_settings(cfg, tokenizer)); cache.py passes those its files
+    were extracted with, and no tokenizer."""
+    settings = image_settings(cfg, tokenizer) if settings is None else settings
+    return data.build_dataset(spec, tokenizer, train=train, protocol=cfg.protocol, image_settings=settings,
+                              skip_bad=cfg.skip_bad,
                               max_length=cfg.max_length,
                               seed=cfg.seed, constant_phrase=cfg.constant_phrase or None, layout=cfg.layout,
                               sam_size=sam_side)

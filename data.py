@@ -153,6 +153,54 @@ def load_png(png_json, panoptic_json, panoptic_dir, *, skip_bad=False, skipped=N
     return items
 
 
+def load_reasonseg(folder):
+    """ReasonSeg (LISA's release), one split folder: every `<name>.jpg` with its `<name>.json` ({"shapes": [{"label",
+    "points": [[x, y], ...]}], "text": [queries], "is_sentence"}) -> records dict(file_name, path, json, height, width,
+    texts, is_sentence, shapes), sorted by name. Only image headers are read (the size). A missing JSON, no query or a
+    shape without 3 points is a DataError naming the file."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: no such ReasonSeg split folder")
+    records = []
+    for name in sorted(f for f in os.listdir(folder) if f.lower().endswith(".jpg")):
+        path, json_path = os.path.join(folder, name), os.path.join(folder, os.path.splitext(name)[0] + ".json")
+        if not os.path.isfile(json_path):
+            raise DataError(f"{json_path}: missing (every ReasonSeg image has a same-named .json)")
+        anno = _load_json(json_path)
+        texts = [t for t in anno.get("text", []) if t.strip()]
+        if not texts or "shapes" not in anno:
+            raise DataError(f"{json_path}: needs 'text' (non-empty queries) and 'shapes'")
+        shapes = [s for s in anno["shapes"] if s["label"].lower() != "flag"]  # LISA skips these deprecated marks
+        bad = [i for i, s in enumerate(shapes) if len(s["points"]) < 3]
+        if bad:
+            raise DataError(f"{json_path}: shapes {bad} have fewer than 3 points")
+        with Image.open(path) as image:
+            width, height = image.size
+        records.append(dict(file_name=name, path=path, json=json_path, height=height, width=width, texts=texts,
+                            is_sentence=bool(anno.get("is_sentence", False)), shapes=shapes))
+    if not records:
+        raise DataError(f"{folder}: no .jpg images")
+    return records
+
+
+def open_reasonseg(record):
+    """A ReasonSeg record's image, RGB, stored pixels (no EXIF rotation: the polygons were drawn on them)."""
+    with Image.open(record["path"]) as image:
+        return image.convert("RGB")
+
+
+def reasonseg_masks(record):
+    """A ReasonSeg record -> (target, ignore) bool (H, W), painted as LISA's get_mask_from_json: polygons by
+    decreasing area, a later (smaller) one over an earlier; a label containing "ignore" paints ignore, any other
+    target. Polygons rasterised with pycocotools (LISA: cv2.fillPoly on integer points; edges can differ by a pixel)."""
+    H, W = record["height"], record["width"]
+    polys = [(decode_mask([[float(v) for p in s["points"] for v in p]], H, W), "ignore" in s["label"].lower())
+             for s in record["shapes"]]
+    label = np.zeros((H, W), np.uint8)  # 0 background, 1 target, 2 ignore
+    for m, ignore in sorted(polys, key=lambda x: -int(x[0].sum())):  # stable: equal areas keep file order
+        label[m] = 2 if ignore else 1
+    return label == 1, label == 2
+
+
 # ------------------------------------------------------------------------------------------------- masks
 
 def decode_mask(segmentation, height, width):
@@ -236,6 +284,24 @@ def refer_items(records, protocol):
     return [item(rs[0], [entry(r, None if protocol == "train" else 0) for r in rs]) for rs in by_image.values()]
 
 
+def sentence_picks(item, rng):
+    """The sentence drawn for each entry of an item, rng = default_rng([seed, epoch, index]) (GroundingDataset, and
+    cache.py, which must draw exactly the same)."""
+    return [int(rng.integers(len(e["sentences"]))) for e in item["entries"]]
+
+
+def item_targets(item):
+    """bool (K, H, W): each entry's target at the stored size (the union of its segmentations, or its panoptic
+    segments); all False for a no-target expression."""
+    H, W = item["height"], item["width"]
+    if "panoptic_file" in item:
+        segment_map = load_panoptic(item["panoptic_file"])
+        if segment_map.shape != (H, W):
+            raise DataError(f"{item['panoptic_file']} is {segment_map.shape}, image is {(H, W)}")
+        return np.stack([np.isin(segment_map, e["segment_ids"]) for e in item["entries"]])
+    return np.stack([union_mask(e["segmentations"], H, W) for e in item["entries"]])
+
+
 class GroundingDataset(Dataset):
     """Items -> samples; all CPU work (image, patchify, tokenize, masks) happens in __getitem__.
 
@@ -303,16 +369,9 @@ class GroundingDataset(Dataset):
                 raise DataError(f"image is {image.height}x{image.width}, annotations are for {H}x{W}")
             sam = refiner.sam_image(image, self.sam_size) if self.sam_size else {}
             pixel_values, image_grid_thw = qwen_inputs.patchify(image, **self.image_settings)
-        picks = [int(rng.integers(len(e["sentences"]))) for e in item["entries"]]
+        picks = sentence_picks(item, rng)
         phrases = [self.constant_phrase or e["sentences"][k] for e, k in zip(item["entries"], picks)]
-        if "panoptic_file" in item:
-            segment_map = load_panoptic(item["panoptic_file"])
-            if segment_map.shape != (H, W):
-                raise DataError(f"{item['panoptic_file']} is {segment_map.shape}, image is {(H, W)}")
-            gt = [np.isin(segment_map, e["segment_ids"]) for e in item["entries"]]
-        else:
-            gt = [union_mask(e["segmentations"], H, W) for e in item["entries"]]
-        gt = np.stack(gt)  # (K, H, W)
+        gt = item_targets(item)  # (K, H, W)
         _, gh, gw = image_grid_thw[0].tolist()
         sample = qwen_inputs.build_inputs(self.tokenizer, image_grid_thw, phrases, sep=self.sep,
                                           max_length=self.max_length)
@@ -413,11 +472,12 @@ class SeededSampler(DistributedSampler):
         return super().__len__() - self.skip
 
 
-def build_loader(dataset, batch_size, *, num_workers=0, shuffle=False, seed=0, drop_last=False, distributed=None):
-    """DataLoader over `dataset` with `collate_skip`. The order is a function of (seed, epoch) only, split over
-    ranks when torch.distributed is initialized (distributed=None: auto): call `set_epoch(loader, epoch)` before
-    iterating each epoch. Evaluation (shuffle=False) gives rank r the samples r, r + world, ...: no padding, so
-    under torchrun every sample is scored exactly once."""
+def build_loader(dataset, batch_size, *, num_workers=0, shuffle=False, seed=0, drop_last=False, distributed=None,
+                 collate_fn=collate_skip):
+    """DataLoader over `dataset` with `collate_fn` (cache.py passes its own). The order is a function of (seed, epoch)
+    only, split over ranks when torch.distributed is initialized (distributed=None: auto): call `set_epoch(loader,
+    epoch)` before iterating each epoch. Evaluation (shuffle=False) gives rank r the samples r, r + world, ...: no
+    padding, so under torchrun every sample is scored exactly once."""
     distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
     world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
     if shuffle:  # DistributedSampler permutes with seed + epoch, which is what resuming needs (also on one process)
@@ -425,7 +485,7 @@ def build_loader(dataset, batch_size, *, num_workers=0, shuffle=False, seed=0, d
     else:  # evaluation: rank r takes samples r, r + world, ...; no padding, so nothing is scored twice
         sampler = range(rank, len(dataset), world)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_skip, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
+                      collate_fn=collate_fn, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
                       persistent_workers=num_workers > 0)
 
 

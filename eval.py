@@ -24,6 +24,7 @@ import head as heads
 import model
 import qwen_inputs
 import refiner
+import selector as selection
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -64,12 +65,31 @@ def average_recall(ious):
     return float(100 * np.sum(np.diff(t) * recall[:-1]))
 
 
+def reasonseg_stats(pred, target, ignore):
+    """ReasonSeg, one image: bool (H, W) masks -> (intersection, union) with the ignore pixels left out of both."""
+    keep = ~np.asarray(ignore, bool)
+    return iou_stats(np.asarray(pred, bool) & keep, np.asarray(target, bool) & keep)
+
+
+def reasonseg_metrics(stats):
+    """Per-image (intersection, union) -> LISA's gIoU = 100*mean(I/U) (an empty target predicted empty counts 1) and
+    cIoU = 100*sum(I)/sum(U)."""
+    inter, union = [s[0] for s in stats], [s[1] for s in stats]
+    return dict(gIoU=float(100 * _ious(inter, union).mean()) if stats else 0.0,
+                cIoU=float(100 * np.sum(inter, dtype=np.float64) / max(np.sum(union, dtype=np.float64), 1)),
+                n=len(stats))
+
+
 @torch.no_grad()
-def predict(qwen, grounder, batch, sizes, coarse=False):
+def predict(qwen, grounder, batch, sizes, coarse=False, spans=None):
     """Batch (on the device) -> one bool mask per phrase (batch order, then phrase order), upsampled to its image's
-    original size; sizes: one (H, W) per sample. The refined masks when the grounder has a refiner, unless coarse."""
+    original size; sizes: one (H, W) per sample. The refined masks when the grounder has a refiner, unless coarse.
+    spans: a list that gets, with a phrase selector, each sequence's exact-match span counts (tp, predicted, gold)."""
     frozen = build.extract(qwen, grounder, batch)
     out = grounder(frozen)
+    if spans is not None and "select" in out:  # gold: the supervised phrases (heads.answer_tags)
+        spans += [selection.span_counts(selection.decode(x), selection.tag_spans(t))
+                  for x, t in zip(out["select"], heads.answer_tags(batch), strict=True)]
     logits = out["coarse" if coarse or "refined" not in out else "refined"]
     return [F.interpolate(x[None, None].float(), size=sizes[i], mode="bilinear", align_corners=False)[0, 0] > 0
             for x, i in zip(logits, frozen["phrase_image"], strict=True)]
@@ -86,7 +106,7 @@ def evaluate(qwen, grounder, loader, device, kind="refer", autocast=contextlib.n
     refer: cIoU, mIoU, P@t; grefcoco: also N-acc / T-acc; png: average recall overall and per group."""
     was_training = grounder.training
     grounder.eval()
-    rows = []  # per phrase: (intersection, union, flags, predicted pixels)
+    rows, spans = [], []  # per phrase: (intersection, union, flags, predicted pixels); per sequence: span counts
     batches = min(max_batches or len(loader), len(loader))
     lockstep = sharded(qwen)
     if lockstep:  # a sharded VLM needs every rank in every forward: all run as many as the longest shard
@@ -103,7 +123,7 @@ def evaluate(qwen, grounder, loader, device, kind="refer", autocast=contextlib.n
             continue
         batch = last = model.to_device(batch, device, model.DEVICE_KEYS + ("gt_masks",))
         with autocast:
-            preds = predict(qwen, grounder, batch, gt_sizes(batch), coarse)
+            preds = predict(qwen, grounder, batch, gt_sizes(batch), coarse, spans)
         gts = [g for m in batch["gt_masks"] for g in m]
         # I, U and predicted pixels on the device, one host transfer per batch
         stats = torch.stack([torch.stack([(p & g).sum(), (p | g).sum(), p.sum()]) for p, g in zip(preds, gts,
@@ -115,8 +135,10 @@ def evaluate(qwen, grounder, loader, device, kind="refer", autocast=contextlib.n
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, rows)
         rows = [r for part in gathered for r in part]
+        dist.all_gather_object(gathered, spans)
+        spans = [c for part in gathered for c in part]
     grounder.train(was_training)
-    return summarize(rows, kind)
+    return summarize(rows, kind, spans)
 
 
 def evaluate_all(qwen, grounder, loaders, device, autocast=contextlib.nullcontext(), max_batches=0, coarse=False):
@@ -125,11 +147,14 @@ def evaluate_all(qwen, grounder, loaders, device, autocast=contextlib.nullcontex
             for name, (loader, spec) in loaders.items()}
 
 
-def summarize(rows, kind="refer"):
-    """Per-phrase (I, U, flags, predicted pixels) -> metrics. Phrases without a mask (PNG) are not scored."""
+def summarize(rows, kind="refer", spans=()):
+    """Per-phrase (I, U, flags, predicted pixels) -> metrics. Phrases without a mask (PNG) are not scored.
+    spans: per-sequence (tp, predicted, gold) span counts of a phrase selector -> span_P, span_R, span_F1 too."""
     rows = [r for r in rows if r[2]["supervised"]]
     inter, union = [r[0] for r in rows], [r[1] for r in rows]
     out = _metrics(inter, union)
+    if len(spans):
+        out.update(selection.span_scores(*np.sum(spans, 0).tolist()))
     if kind == "grefcoco":  # N-acc: empty prediction for a no-target expression; T-acc: non-empty for the others
         nt = np.array([r[2]["no_target"] for r in rows], bool)
         empty = np.array([r[3] == 0 for r in rows], bool)
@@ -148,7 +173,7 @@ def summarize(rows, kind="refer"):
 def print_table(results):
     """{name: metrics} -> a fixed-width table on stdout, the columns any row has."""
     keys = ["cIoU", "mIoU", *[f"P@{t}" for t in THRESHOLDS], "N-acc", "T-acc", "AR", "AR_things", "AR_stuff",
-            "AR_singular", "AR_plural", "n"]
+            "AR_singular", "AR_plural", "span_P", "span_R", "span_F1", "n"]
     keys = [k for k in keys if any(k in r for r in results.values())]
     width = max([len(n) for n in results] + [5])
     print(f"{'split':<{width}} " + " ".join(f"{k:>7}" for k in keys), flush=True)
@@ -241,10 +266,10 @@ def sharded(qwen):
         type(p).__name__ == "DTensor" for p in qwen.parameters())
 
 
-def write_overlays(qwen, grounder, dataset, n, folder, device, autocast=contextlib.nullcontext()):
-    """One PNG per phrase (expression, prediction, truth) for the first n distinct images of a dataset. Written by
-    rank 0; with a sharded VLM every rank must call it (they all run the same forwards)."""
-    save = int(os.environ.get("RANK", 0)) == 0
+def write_overlays(qwen, grounder, loader, n, folder, device, autocast=contextlib.nullcontext()):
+    """One PNG per phrase (expression, prediction, truth) for the first n distinct images of a loader's dataset.
+    Written by rank 0; with a sharded VLM every rank must call it (they all run the same forwards)."""
+    dataset, save = loader.dataset, int(os.environ.get("RANK", 0)) == 0
     os.makedirs(folder, exist_ok=True)
     seen = set()
     for i in range(len(dataset)):
@@ -256,7 +281,7 @@ def write_overlays(qwen, grounder, dataset, n, folder, device, autocast=contextl
         if "bad" in sample:  # unreadable (skip_bad)
             continue
         seen.add(sample["image_id"])
-        batch = model.to_device(data.collate_skip([sample]), device)
+        batch = model.to_device(loader.collate_fn([sample]), device)  # collate_skip, or cache.py's collate
         with autocast:
             preds = predict(qwen, grounder, batch, gt_sizes(batch))
         if not save:
@@ -275,7 +300,7 @@ def report(qwen, grounder, loaders, device, autocast, out_dir, vis=0, writer=Non
     if int(os.environ.get("RANK", 0)) != 0:
         if sharded(qwen):  # rank 0 writes the overlays, but every rank must join their forwards
             for name, (loader, _) in list(loaders.items())[:1] if vis else []:
-                write_overlays(qwen, grounder, loader.dataset, vis, os.path.join(out_dir, "vis", name), device, autocast)
+                write_overlays(qwen, grounder, loader, vis, os.path.join(out_dir, "vis", name), device, autocast)
         return metrics
     for name, m in metrics.items():
         for k, v in m.items():
@@ -286,7 +311,7 @@ def report(qwen, grounder, loaders, device, autocast, out_dir, vis=0, writer=Non
         json.dump(metrics, f, indent=1)
     for name, (loader, _) in list(loaders.items())[:1] if vis else []:
         folder = os.path.join(out_dir, "vis", name)
-        write_overlays(qwen, grounder, loader.dataset, vis, folder, device, autocast)
+        write_overlays(qwen, grounder, loader, vis, folder, device, autocast)
         print(f"overlays: {folder}", flush=True)
     return metrics
 
@@ -381,7 +406,7 @@ def main():
     if args.vis and (rank == 0 or sharded(qwen)):
         for name, (loader, _) in loaders.items():
             folder = os.path.join(out_dir, "vis", name)
-            write_overlays(qwen, grounder, loader.dataset, args.vis, folder, device, autocast)
+            write_overlays(qwen, grounder, loader, args.vis, folder, device, autocast)
             if rank == 0:
                 print(f"overlays: {folder}")
     if rank == 0:

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import selector as selection
+
 
 def same_size_groups(tensors):
     """Indices of `tensors` grouped by their last two dims, in first-seen order: each group stacks into one batch."""
@@ -105,15 +107,16 @@ def load_state(module, state_dict, what):
 
 
 class Grounder(nn.Module):
-    """MaskHead (+ SAM Refiner): frozen outputs -> dict(coarse=[logits per phrase], refined=[...] with a refiner).
+    """MaskHead (+ SAM Refiner) (+ phrase Selector): frozen outputs -> dict(coarse=[logits per phrase], refined=[...]
+    with a refiner, select=[(A_b, 3) B/I/O logits per sequence] with a selector (reads frozen["answer"])).
 
     `frozen` is the dict of model.frozen_outputs: maps, phrase_image, vision (per image or None), hidden; with a
     refiner also sam_embeddings (B, C, e, e) and sam_sizes [(rh, rw)] per image. Holds only what trains: wrap it
     in DDP as a whole, it is called exactly once per micro-step."""
 
-    def __init__(self, head, refiner=None):
+    def __init__(self, head, refiner=None, selector=None):
         super().__init__()
-        self.head, self.refiner = head, refiner
+        self.head, self.refiner, self.selector = head, refiner, selector
 
     def frozen_parameters(self):
         """The refiner's frozen SAM image encoder (not a registered submodule; counted for the log line)."""
@@ -129,17 +132,21 @@ class Grounder(nn.Module):
             frozen.update(hidden=[torch.zeros(1, r.layer_weights.numel(), r.text_proj.in_features, device=device)],
                           sam_embeddings=torch.zeros(1, r.text_proj.out_features, e, e, device=device),
                           sam_sizes=[(r.size, r.size)])
+        if self.selector is not None:
+            frozen["answer"] = [torch.zeros(1, self.selector.layer_weights.numel(), self.selector.norm.normalized_shape[0],
+                                            device=device)]
         return frozen
 
     def forward(self, frozen):
         vision = frozen["vision"]
         feats = None if vision is None else [vision[i] for i in frozen["phrase_image"]]  # each phrase its image's
-        coarse = self.head(frozen["maps"], feats)
-        if self.refiner is None:
-            return dict(coarse=coarse)
-        refined = self.refiner(coarse, frozen["sam_embeddings"], frozen["phrase_image"], frozen["hidden"],
-                               frozen["sam_sizes"])
-        return dict(coarse=coarse, refined=refined)
+        out = dict(coarse=self.head(frozen["maps"], feats))
+        if self.refiner is not None:
+            out["refined"] = self.refiner(out["coarse"], frozen["sam_embeddings"], frozen["phrase_image"],
+                                          frozen["hidden"], frozen["sam_sizes"])
+        if self.selector is not None:
+            out["select"] = self.selector(frozen["answer"])
+        return out
 
 
 def bce_dice(logits, masks):
@@ -163,14 +170,25 @@ def bce_dice(logits, masks):
 
 def loss_names(grounder):
     """The names `losses` returns for this grounder (train.py logs them on every rank, also one that had no batch)."""
-    return ["bce", "dice"] + (["sam_bce", "sam_dice"] if grounder.refiner is not None else [])
+    return (["bce", "dice"] + (["sam_bce", "sam_dice"] if grounder.refiner is not None else [])
+            + (["select"] if grounder.selector is not None else []))
 
 
 def losses(out, batch):
     """Grounder output + its batch -> {name: (per-item values, unit)}: the per-phrase mask terms of phrase_losses
     with unit "phrase". train.py divides each term's sum by the step's count of its unit (over micro-batches and
     ranks) and adds them up; a term averaged per sequence would come with unit "sequence"."""
-    return {name: (v, "phrase") for name, v in phrase_losses(out, batch).items()}
+    terms = {name: (v, "phrase") for name, v in phrase_losses(out, batch).items()}
+    if "select" in out:  # the selector's B/I/O cross-entropy, a mean over each answer's tokens
+        terms["select"] = (selection.sequence_losses(out["select"], answer_tags(batch)), "sequence")
+    return terms
+
+
+def answer_tags(batch):
+    """A batch -> per sequence the (A_b,) B/I/O tags of its answer tokens: supervised phrases are the spans."""
+    mask_ids = batch.get("host", batch)["mask_ids"]
+    return [selection.token_tags(selection.answer_mask_ids(m), s) for m, s in zip(mask_ids, batch["supervised"],
+                                                                                    strict=True)]
 
 
 def phrase_losses(out, batch):

@@ -204,7 +204,7 @@ def to_device(batch, device, keys=DEVICE_KEYS):
 
 
 @torch.no_grad()
-def frozen_outputs(qwen, batch, *, vision=False, hidden_layers=0):
+def frozen_outputs(qwen, batch, *, vision=False, hidden_layers=0, answer_layers=0):
     """One frozen forward -> everything the trainable part reads, as a dict:
 
     maps: one float32 (L*H, gh/2, gw/2) per phrase, batch then phrase order. Channel `layer*H + head` holds the
@@ -216,6 +216,9 @@ def frozen_outputs(qwen, batch, *, vision=False, hidden_layers=0):
         (C_vis, gh, gw) per image (C_vis = vision_channels(qwen.config)); else None.
     hidden: with hidden_layers=n > 0, the outputs of the last n decoder layers at each phrase's tokens, one
         (tokens, n, C) tensor per phrase in the model's dtype (the refiner's text prompt); else None.
+    answer: with answer_layers=n > 0, the same outputs at every token of each sample's answer (its first through its
+        last phrase token, separators included: the assistant turn as build_inputs lays it out), one (A_b, n, C)
+        tensor per sample (the phrase selector's input); else None.
 
     `batch` is a `qwen_inputs.collate` batch (right-padded, `mask_ids` k on phrase k's tokens), its model inputs
     on the model's device (`to_device`). Needs the attention set by `use_fast_attention` (load_qwen does it).
@@ -251,18 +254,26 @@ def frozen_outputs(qwen, batch, *, vision=False, hidden_layers=0):
     avg = onehot / tokens.clamp(min=1)[..., None]  # (B, P, R) averaging matrix: the phrase mean is one einsum
     cols, _ = _first_positions(host["mm_token_type_ids"][:, :S] == 1)  # (B, N) image token positions, raster order
     keys_ok = (torch.arange(S) <= rows[..., None]) & host["attention_mask"][:, :S].bool()[:, None]  # (B, R, S)
-    gpu_rows, avg, cols, keys_ok = (t.to(device, non_blocking=True) for t in (rows, avg, cols, keys_ok))
+    pos = torch.arange(S).expand_as(mask_ids)  # (B, S)
+    first = pos.masked_fill(mask_ids < 0, S).min(1, keepdim=True).values  # (B, 1) first and last phrase token
+    last = pos.masked_fill(mask_ids < 0, -1).max(1, keepdim=True).values
+    answer_pos, answer_valid = _first_positions((pos >= first) & (pos <= last))  # (B, A) the answer's positions
+    gpu_rows, avg, cols, keys_ok, gpu_answer = (t.to(device, non_blocking=True)
+                                                for t in (rows, avg, cols, keys_ok, answer_pos))
     inputs = dict(input_ids=batch["input_ids"][:, :S], attention_mask=batch["attention_mask"][:, :S],
                   mm_token_type_ids=batch["mm_token_type_ids"][:, :S], pixel_values=batch["pixel_values"],
                   image_grid_thw=batch["image_grid_thw"])
 
-    capture, vis, hidden, handles = PhraseCapture(gpu_rows, avg, cols, keys_ok), [], [], []
+    capture, vis, hidden, answer, handles = PhraseCapture(gpu_rows, avg, cols, keys_ok), [], [], [], []
     if vision:  # the merger's input: (num_patches, C_vis) after the last block, in window order
         handles.append(qwen.model.visual.merger.register_forward_pre_hook(lambda merger, args: vis.append(args[0])))
     for layer in qwen.model.language_model.layers[len(qwen.model.language_model.layers) - hidden_layers:]:
         # the layer's output at the phrase rows only: (B, R, C), never the whole (B, S, C) stack of every layer
         handles.append(layer.register_forward_hook(
             lambda module, args, out: hidden.append(out.gather(1, gpu_rows[..., None].expand(-1, -1, out.shape[-1])))))
+    for layer in qwen.model.language_model.layers[len(qwen.model.language_model.layers) - answer_layers:]:
+        handles.append(layer.register_forward_hook(  # (B, A, C) at the answer tokens
+            lambda module, args, out: answer.append(out.gather(1, gpu_answer[..., None].expand(-1, -1, out.shape[-1])))))
     try:  # through the root (a sharded model's FSDP root), with the vocabulary projection of one position only
         qwen(**inputs, use_cache=False, logits_to_keep=1, phrase_capture=capture)
     finally:
@@ -276,7 +287,7 @@ def frozen_outputs(qwen, batch, *, vision=False, hidden_layers=0):
     for b, ((_, gh, gw), k) in enumerate(zip(host["image_grid_thw"].tolist(), num_phrases.tolist())):
         maps += [stack[b, p, :, :gh * gw // 4].reshape(-1, gh // 2, gw // 2) for p in range(k)]  # (L*H, gh/2, gw/2)
         phrase_image += [b] * k
-    out = dict(maps=maps, phrase_image=phrase_image, vision=None, hidden=None)
+    out = dict(maps=maps, phrase_image=phrase_image, vision=None, hidden=None, answer=None)
     if vision:
         out["vision"] = _raster_features(vis[0], host["image_grid_thw"], qwen.model.visual,
                                          windowed=qwen.config.model_type == "qwen2_5_vl")
@@ -284,6 +295,9 @@ def frozen_outputs(qwen, batch, *, vision=False, hidden_layers=0):
         rows_hidden = torch.stack(hidden, 2)  # (B, R, n, C)
         out["hidden"] = [rows_hidden[b, (row_phrase[b] == p).nonzero().flatten().to(device)]  # (tokens, n, C)
                          for b, k in enumerate(num_phrases.tolist()) for p in range(k)]
+    if answer_layers:
+        stacked = torch.stack(answer, 2)  # (B, A, n, C)
+        out["answer"] = [stacked[b, :n] for b, n in enumerate(answer_valid.sum(1).tolist())]  # (A_b, n, C)
     return out
 
 

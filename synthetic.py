@@ -139,15 +139,18 @@ def _write_synthetic(out, seed, counts, width, height):
                        categories=[dict(id=i + 1, name=s) for i, s in enumerate(SHAPES)]), f)
 
 
-def make_synthetic(root, seed=0, num_train=400, num_val=50, num_test=50, size=224):
+def make_synthetic(root, seed=0, num_train=400, num_val=50, num_test=50, size=224, narratives=False):
     """Write (once) a synthetic RefCOCO in the refer layout: root/synthetic/{refs(unc).p, instances.json,
     meta.json}, root/images/*.png; splits train/val/testA (3 objects)/testB (5 objects), num_test scenes each;
     size is the side of square images or (width, height).
-    Deterministic from the arguments; a finished dataset with the same meta.json is kept. Call it on one rank."""
+    Deterministic from the arguments; a finished dataset with the same meta.json is kept. Call it on one rank.
+    narratives=True also writes make_narratives(root, seed) (PNG format, root/narratives/) from the train/val scenes."""
     counts = dict(train=num_train, val=num_val, testA=num_test, testB=num_test)
     meta = dict(version=SYNTHETIC_VERSION, seed=seed, size=size if isinstance(size, int) else list(size), **counts)
     meta_path = os.path.join(root, "synthetic", "meta.json")
     if os.path.isfile(meta_path) and os.path.isdir(os.path.join(root, "images")) and _load_meta(meta_path) == meta:
+        if narratives:
+            make_narratives(root, seed)
         return root
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-synthetic-")
@@ -161,6 +164,8 @@ def make_synthetic(root, seed=0, num_train=400, num_val=50, num_test=50, size=22
     for name in ("images", "synthetic"):  # meta.json arrives last: a run killed in between redoes everything
         os.rename(os.path.join(tmp, name), os.path.join(root, name))
     os.rmdir(tmp)
+    if narratives:
+        make_narratives(root, seed)
     return root
 
 
@@ -318,3 +323,109 @@ def build_tiny_qwen(out_dir, texts, *, family="qwen2_5_vl", seed=0, hidden=128, 
     with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
         json.dump(QWEN3_PREPROCESSOR if family.startswith("qwen3") else QWEN2_PREPROCESSOR, f, indent=2)
     return out_dir
+
+
+# ------------------------------------------------------------------------------------- synthetic narratives
+
+# Filler between the expressions of a narrative. Many name colours and shapes that are not a referred object, so that
+# marking every colour or shape word (keyword_spans, the demo's baseline) is not the answer.
+FILLERS = ("In this picture I can see", "and", "and also", ", next to it there is", ". Nearby is",
+           ". I think red and blue look nice together, and there is", ". Not a circle but", ", which is drawn beside",
+           ". The background is grey, not green or yellow, and we see", ". Shapes like a star or a square are common;",
+           ". Somewhere else I notice")
+OPENINGS = ("In this picture I can see", "Here we have", "There is", "Look at")
+ENDINGS = (".", ". That is all.", ", all on a light grey background.", ". No purple triangle is hidden here.")
+
+
+def make_narratives(root, seed=0, splits=("train", "val")):
+    """Write (once) synthetic narratives in the Panoptic Narrative Grounding format from the synthetic referring data
+    in `root` (make_synthetic first): per split, one narrative per image that strings 2-3 of its expressions together
+    with filler text (FILLERS) -> root/narratives/png_{split}.json (segments: utterance, segment_ids, plural; filler
+    utterances have none), panoptic_{split}.json (segments_info, categories) and panoptic_{split}/*.png (id = R + 256 G
+    + 256^2 B = the object's ann_id, 0 unlabelled). data.load_png reads them: expressions are the supervised phrases,
+    filler the rest, so the phrase selector learns which spans of a text to ground."""
+    out = os.path.join(root, "narratives")
+    meta = dict(version=1, seed=seed, refer=_load_meta(os.path.join(root, "synthetic", "meta.json")))
+    if os.path.isfile(os.path.join(out, "meta.json")) and _load_meta(os.path.join(out, "meta.json")) == meta:
+        return out
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(root, "synthetic", "instances.json")) as f:
+        instances = json.load(f)
+    images = {im["id"]: im for im in instances["images"]}
+    anns = {}
+    for a in instances["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+    with open(os.path.join(root, "synthetic", "refs(unc).p"), "rb") as f:
+        refs = pickle.load(f)
+    categories = [dict(id=i + 1, name=s, isthing=1) for i, s in enumerate(SHAPES)]
+    for s, split in enumerate(splits):
+        rng = np.random.default_rng([seed, 100 + s])
+        by_image = {}
+        for r in refs:
+            if r["split"] == split:
+                by_image.setdefault(r["image_id"], []).append(r)
+        os.makedirs(os.path.join(out, f"panoptic_{split}"), exist_ok=True)
+        narratives, annotations = [], []
+        for image_id, rs in by_image.items():
+            im = images[image_id]
+            H, W = im["height"], im["width"]
+            ids = np.zeros((H, W), np.int64)
+            for a in anns[image_id]:
+                ids[decode_mask(a["segmentation"], H, W)] = a["id"]
+            png = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+            png_name = os.path.splitext(im["file_name"])[0] + ".png"
+            Image.fromarray(png).save(os.path.join(out, f"panoptic_{split}", png_name))
+            annotations.append(dict(image_id=image_id, file_name=png_name, segments_info=[
+                dict(id=a["id"], category_id=a["category_id"], iscrowd=0, area=a["area"], bbox=a["bbox"])
+                for a in anns[image_id]]))
+            chosen = [rs[i] for i in rng.permutation(len(rs))[:int(rng.integers(2, 4))]]
+            segments = [dict(utterance=str(rng.choice(OPENINGS)), segment_ids=[], plural=False)]
+            for k, r in enumerate(chosen):
+                if k:
+                    segments.append(dict(utterance=str(rng.choice(FILLERS[1:])), segment_ids=[], plural=False))
+                sentence = r["sentences"][int(rng.integers(len(r["sentences"])))]["sent"]
+                segments.append(dict(utterance=sentence, segment_ids=[str(r["ann_id"])], plural=False))
+            segments.append(dict(utterance=str(rng.choice(ENDINGS)), segment_ids=[], plural=False))
+            narratives.append(dict(image_id=str(image_id), segments=segments))  # a string, as in the release
+        with open(os.path.join(out, f"png_{split}.json"), "w") as f:
+            json.dump(narratives, f)
+        with open(os.path.join(out, f"panoptic_{split}.json"), "w") as f:
+            json.dump(dict(images=[images[i] for i in by_image], annotations=annotations, categories=categories), f)
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return out
+
+
+def keyword_spans(text):
+    """The demo's baseline selector: every maximal run of colour and shape words of `text` -> character spans."""
+    import re
+    words = set(SHAPES) | set(COLOURS)
+    spans = []
+    for m in re.finditer(r"[A-Za-z]+", text):
+        if m.group().lower() in words:
+            if spans and not text[spans[-1][1]:m.start()].strip():  # only whitespace between: the same run
+                spans[-1] = (spans[-1][0], m.end())
+            else:
+                spans.append((m.start(), m.end()))
+    return spans
+
+
+def keyword_baseline(png_json):
+    """Span precision / recall / F1 (exact match, %) of keyword_spans on the narratives of a PNG json, the gold spans
+    being the grounded utterances in the narrative text as data.load_png joins it (utterances stripped, " " between)."""
+    from selector import span_counts, span_scores
+    with open(png_json) as f:
+        narratives = json.load(f)
+    counts = np.zeros(3, np.int64)
+    for narrative in narratives:
+        text, gold = "", []
+        for seg in narrative["segments"]:
+            utterance = seg["utterance"].strip()
+            if not utterance:
+                continue
+            text += " " if text else ""
+            if seg["segment_ids"]:
+                gold.append((len(text), len(text) + len(utterance)))
+            text += utterance
+        counts += span_counts(keyword_spans(text), gold)
+    return span_scores(*counts.tolist())

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import build
+import cache
 import data
 import eval as evaluation
 import head as heads
@@ -169,12 +170,17 @@ def train(cfg, device, rank=0, world=1, show_config=True):
         with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(resolved, f, sort_keys=False)
 
-    qwen, tokenizer = build.build_qwen(cfg, device)
+    # from a cache the frozen outputs are read from cache.py's files: the VLM never loads
+    qwen, tokenizer = (None, None) if cfg.cache_dir else build.build_qwen(cfg, device)
     torch.manual_seed(cfg.seed)  # the same initialisation on every rank
-    kwargs = build.grounder_kwargs(cfg, qwen)
+    config = cache.model_config(cfg) if cfg.cache_dir else qwen.config
+    kwargs = build.grounder_kwargs(cfg, config)
     grounder = build.build_grounder(kwargs, device)
-    loader = build.build_train_loader(cfg, tokenizer, build.sam_size(grounder))
-    val_loaders = build.build_val_loaders(cfg, tokenizer, cfg.val_data, build.sam_size(grounder))
+    if cfg.cache_dir:
+        loader, val_loaders = cache.build_train_loader(cfg), cache.build_val_loaders(cfg, cfg.val_data)
+    else:
+        loader = build.build_train_loader(cfg, tokenizer, build.sam_size(grounder))
+        val_loaders = build.build_val_loaders(cfg, tokenizer, cfg.val_data, build.sam_size(grounder))
     steps_per_epoch = len(loader) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(loader.dataset)} training images make no full step of batch_size {cfg.batch_size} x "
@@ -185,9 +191,10 @@ def train(cfg, device, rank=0, world=1, show_config=True):
     optimizer = torch.optim.AdamW([p for p in grounder.parameters() if p.requires_grad], lr=peak, betas=cfg.betas,
                                   weight_decay=cfg.weight_decay)
     n_train = sum(p.numel() for p in grounder.parameters() if p.requires_grad)
-    n_frozen = sum(p.numel() for p in qwen.parameters())
+    n_frozen = sum(p.numel() for p in qwen.parameters()) if qwen is not None else 0
     n_frozen += sum(p.numel() for p in grounder.frozen_parameters())
-    print0(f"trainable {n_train / 1e6:.2f}M (grounder) | frozen {n_frozen / 1e6:.1f}M ({qwen.config.model_type}"
+    print0(f"trainable {n_train / 1e6:.2f}M (grounder) | frozen {n_frozen / 1e6:.1f}M ({config.model_type}"
+           f"{', cached in ' + cfg.cache_dir if cfg.cache_dir else ''}"
            f"{' + SAM image encoder' if grounder.refiner is not None else ''}) | "
            f"{len(loader.dataset)} training images, {steps_per_epoch} steps/epoch, {total} steps | global batch "
            f"{cfg.batch_size * cfg.grad_accum * world} images ({cfg.batch_size} x {cfg.grad_accum} accum x {world} "

@@ -1,0 +1,298 @@
+"""cache.py: the cached frozen outputs equal the online ones (within float16), training from the cache equals online
+training with layout=sentence, a cache made for another config is refused, a killed extraction resumes, and a cache
+made by 2 processes equals one made by 1."""
+import dataclasses
+import filecmp
+import glob
+import json
+import os
+import re
+import shutil
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import build
+import cache
+import data
+import model
+import synthetic
+import train
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+SHARD = 8  # sequences per shard: the 93 training sentences make 12 shards, cut into batches of 3, 3, 2
+FP16 = dict(rtol=2 ** -11 * 1.01, atol=1e-7)  # float16 rounding (relative 2^-11) + float32 noise (<= 3e-8 seen)
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    return synthetic.make_synthetic(str(tmp_path_factory.mktemp("synthetic")), seed=0, num_train=8, num_val=3,
+                                    num_test=1, size=112)
+
+
+def cache_config(model_dir, root, out_dir, **overrides):
+    spec = dict(kind="refer", data_root=root, dataset="synthetic", split_by="unc",
+                image_dir=os.path.join(root, "images"))
+    raw = dict(model=model_dir, dtype="float32", head=dict(base=4, size=16), vision_features=True, layout="sentence",
+               train_data=[dict(spec, split="train")], val_data=[dict(spec, split="val")], batch_size=3, max_steps=6,
+               lr=3.0e-3, warmup=0.0, num_workers=0, log_every=1, eval_every=0, ckpt_every=3, vis_every=0,
+               vis_samples=1, out_dir=str(out_dir), seed=1, cache_dir=str(out_dir / "cache"))
+    raw.update(overrides)
+    return build.config_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def extracted(tiny_qwen, synthetic_root, tmp_path_factory):
+    """A config whose cache_dir holds the train and val splits, extracted by one process."""
+    cfg = cache_config(tiny_qwen[0], synthetic_root, tmp_path_factory.mktemp("extracted"))
+    cache.extract_all(cfg, shard_size=SHARD)
+    return cfg
+
+
+def cache_files(folder):
+    return sorted(os.path.relpath(p, folder) for p in glob.glob(os.path.join(folder, "**"), recursive=True)
+                  if os.path.isfile(p))
+
+
+def assert_same_files(a, b):
+    assert cache_files(a) == cache_files(b)
+    for name in cache_files(a):
+        assert filecmp.cmp(os.path.join(a, name), os.path.join(b, name), shallow=False), name
+
+
+# ------------------------------------------------------------------------------------------------ read back
+
+def test_cached_batches_equal_online_batches(tiny_qwen, extracted):
+    """Train (two epochs, and a resumed epoch) and val batches: the same samples, masks and flags as the online
+    loaders, and maps / vision features equal to what phrase_attention / frozen_outputs compute, within float16."""
+    _, qwen, tokenizer = tiny_qwen
+    cfg = extracted
+    pairs = [(build.build_train_loader(cfg, tokenizer), cache.build_train_loader(cfg), epoch, skip)
+             for epoch, skip in ((0, 0), (1, 0), (1, 1))]
+    pairs += [(online, cached, None, 0) for (online, _), (cached, _) in
+              zip(build.build_val_loaders(cfg, tokenizer, cfg.val_data).values(),
+                  cache.build_val_loaders(cfg, cfg.val_data).values())]
+    drawn = {}
+    for online, cached, epoch, skip in pairs:
+        if epoch is not None:
+            data.set_epoch(online, epoch, skip)
+            data.set_epoch(cached, epoch, skip)
+        n = 0
+        for a, b in zip(online, cached, strict=True):
+            for key in ("ids", "phrases", "image_id", "file_name", "supervised", "no_target", "isthing", "plural"):
+                assert a[key] == b[key], key
+            for key in ("masks", "gt_masks"):
+                assert all(torch.equal(x, y) for x, y in zip(a[key], b[key], strict=True)), key
+            maps = model.phrase_attention(qwen, a)
+            frozen = b["frozen"]
+            assert frozen["phrase_image"] == list(range(len(a["ids"]))) and frozen["hidden"] is None
+            for x, y in zip(maps, frozen["maps"], strict=True):  # float16 deviations from each channel's mean
+                deviation = (x - x.mean((-2, -1), keepdim=True)).abs()
+                assert y.dtype == torch.float32 and y.shape == x.shape
+                assert ((y - x).abs() <= FP16["rtol"] * deviation + FP16["atol"]).all(), (y - x).abs().max()
+            for x, y in zip(model.frozen_outputs(qwen, a, vision=True)["vision"], frozen["vision"], strict=True):
+                assert y.dtype == torch.float16 and torch.allclose(y.float(), x, **FP16), (y.float() - x).abs().max()
+            drawn.setdefault((epoch, skip), []).extend(i for ids in a["ids"] for i in ids)
+            n += 1
+        assert n == len(online) > 0
+    assert drawn[0, 0] != drawn[1, 0]  # another epoch, other sentences and order: the draw follows the epoch
+    assert drawn[1, 1] == drawn[1, 0][-len(drawn[1, 1]):]  # resuming a batch into the epoch continues it
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def test_training_from_cache_equals_online_training(tiny_qwen, extracted, tmp_path, monkeypatch):
+    """Same seed, layout=sentence, 6 steps of 3 of the 8 images (3 epochs), no VLM loaded. Stored in
+    float32, the cache trains the online run's head to float32 noise: the same samples, sentence draws, order and
+    outputs. Stored in float16 (as it is), every step's loss agrees within float16 rounding, and so do the scores;
+    the weights do not to that precision: the head's ReLU and max-pool kinks let a 1e-4 rounding move some gradients
+    by ~1%, and Adam's first steps (sign-like) amplify that to 2-30% of the update, whatever the perturbation."""
+    online = dataclasses.replace(extracted, cache_dir="", out_dir=str(tmp_path / "online"))
+    metrics_online, head_online = train.train(online, torch.device("cpu"))
+    monkeypatch.setattr(cache, "STORAGE", torch.float32)
+    exact = dataclasses.replace(extracted, cache_dir=str(tmp_path / "cache32"), out_dir=str(tmp_path / "exact"),
+                                val_data=[], vis_samples=0)
+    cache.extract_all(exact, shard_size=SHARD)
+    monkeypatch.setattr(build, "build_qwen", lambda *a: pytest.fail("the VLM loaded while training from the cache"))
+    _, head_exact = train.train(exact, torch.device("cpu"))
+    monkeypatch.setattr(cache, "STORAGE", torch.float16)
+    cached = dataclasses.replace(extracted, out_dir=str(tmp_path / "cached"))
+    metrics_cached, _ = train.train(cached, torch.device("cpu"))
+
+    a, b = head_online.state_dict(), head_exact.state_dict()
+    torch.manual_seed(cached.seed)
+    init = build.build_grounder(torch.load(tmp_path / "cached" / "ckpt.pt", weights_only=True)["grounder_kwargs"])
+    assert max((a[k] - init.state_dict()[k]).abs().max() for k in a) > 1e-2  # it trained
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5), k
+    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("online", "cached")]
+    assert logs[1][0]["loss"] == pytest.approx(logs[0][0]["loss"], rel=1e-5)
+    assert [x["loss"] for x in logs[1]] == pytest.approx([x["loss"] for x in logs[0]], rel=2e-3)
+    for split, m in metrics_online.items():
+        assert metrics_cached[split]["n"] == m["n"] and metrics_cached[split]["cIoU"] == pytest.approx(m["cIoU"], abs=1)
+    assert os.listdir(tmp_path / "cached" / "vis")  # the overlays are drawn from cached batches too
+
+
+def test_the_refiners_inputs_are_cached_too(tiny_qwen, synthetic_root, tmp_path):
+    """With the SAM refiner, build.extract also returns the phrases' hidden states, SAM's image embeddings (one
+    (B, C, e, e) tensor) and sam_sizes: stored and read back as they are, and a cached run trains the refiner."""
+    _, qwen, tokenizer = tiny_qwen
+    cfg = cache_config(tiny_qwen[0], synthetic_root, tmp_path, refiner=dict(sam="tiny", text_layers=2),
+                       synthetic=dict(root=synthetic_root), max_steps=2, vis_samples=0)
+    cache.extract_all(cfg, shard_size=SHARD)
+    grounder = build.build_grounder(build.grounder_kwargs(cfg, qwen.config))
+    online = next(iter(build.build_train_loader(cfg, tokenizer, build.sam_size(grounder))))
+    cached = next(iter(cache.build_train_loader(cfg)))
+    expect, frozen = build.extract(qwen, grounder, online), cached["frozen"]
+    assert sorted(frozen) == sorted(expect) and {"hidden", "sam_embeddings", "sam_sizes", "vision"} <= set(frozen)
+    assert all(frozen[key] is None for key in expect if expect[key] is None)  # e.g. the selector's answer states
+    assert frozen["phrase_image"] == expect["phrase_image"] and frozen["sam_sizes"] == expect["sam_sizes"]
+    assert frozen["sam_embeddings"].shape == expect["sam_embeddings"].shape
+    for key in ("maps", "vision", "hidden", "sam_embeddings"):
+        for x, y in zip(expect[key], frozen[key], strict=True):
+            assert torch.allclose(y.float(), x, rtol=2 ** -11, atol=1e-5), key  # + float32 noise of other batches
+    assert all(torch.equal(x, y) for x, y in zip(online["sam_masks"], cached["sam_masks"], strict=True))
+    metrics, _ = train.train(cfg, torch.device("cpu"))
+    assert metrics["synthetic_val"]["n"] == 36
+
+
+def test_an_output_of_each_sequence_is_kept_per_sequence(tiny_qwen, synthetic_root, tmp_path, monkeypatch):
+    """An output extract returns per sequence that is not the image's alone (the selector's answer states; here each
+    sequence's phrase token ids) is stored per sequence: the sentences of one image keep their own."""
+    extract = build.extract
+
+    def with_answer(qwen, grounder, batch):
+        frozen = extract(qwen, grounder, batch)
+        host = batch["host"]
+        return dict(frozen, answer=[ids[m >= 0].float()[:, None, None] for ids, m in zip(host["input_ids"],
+                                                                                         host["mask_ids"])])
+    monkeypatch.setattr(build, "extract", with_answer)
+    cfg = cache_config(tiny_qwen[0], synthetic_root, tmp_path, train_data=[])
+    cache.extract_all(cfg, shard_size=SHARD)
+    (online, _), = build.build_val_loaders(cfg, tiny_qwen[2], cfg.val_data).values()
+    (cached, _), = cache.build_val_loaders(cfg, cfg.val_data).values()
+    answers = {}
+    for a, b in zip(online, cached, strict=True):
+        for ids, m, answer, image_id in zip(a["input_ids"], a["mask_ids"], b["frozen"]["answer"], b["image_id"],
+                                            strict=True):
+            assert torch.equal(answer.flatten(), ids[m >= 0].half())
+            answers.setdefault(image_id, set()).add(tuple(answer.flatten().tolist()))
+    assert max(len(a) for a in answers.values()) > 1  # an image with several sentences: each kept its own
+
+
+# ------------------------------------------------------------------------------------------------- refusals
+
+def test_a_cache_that_does_not_match_the_config_is_refused(extracted, tmp_path):
+    cfg = extracted
+    cache.check_cache(cfg, cfg.train_data + cfg.val_data)  # the matching one passes
+    for change, named in ((dict(max_pixels=200704), "max_pixels: the cache has 0, the config gives 200704"),
+                          (dict(vision_features=False), "vision_features: the cache has True, the config gives False"),
+                          (dict(constant_phrase="the object"), "constant_phrase: the cache has '', the config gives "
+                                                               "'the object'"),
+                          (dict(model="other"), "model: the cache has"),
+                          (dict(refiner=dict(sam="tiny")), "refiner: the cache has {}, the config gives {'sam': 'tiny'}"),
+                          (dict(selector=dict(layers=1)), "selector: the cache has {}, the config gives {'layers': 1}"),
+                          (dict(layout="image"), "set layout=sentence"),
+                          (dict(protocol="flmm"), "must run online")):
+        with pytest.raises(SystemExit, match=re.escape(named)):
+            cache.build_train_loader(dataclasses.replace(cfg, **change))
+    with pytest.raises(SystemExit, match="max_pixels: the cache has 0"):  # nor extracted into it
+        cache.extract_all(dataclasses.replace(cfg, max_pixels=200704), shard_size=SHARD)
+    spec = dict(cfg.val_data[0], split="testA")
+    with pytest.raises(SystemExit, match="split synthetic_testA is not in the cache"):
+        cache.build_val_loaders(cfg, [spec])
+    spec = dict(cfg.val_data[0], image_dir=cfg.val_data[0]["data_root"])  # the same name, other data
+    with pytest.raises(SystemExit, match="split synthetic_val was extracted from"):
+        cache.build_val_loaders(cfg, [spec])
+    copy = shutil.copytree(cfg.cache_dir, tmp_path / "copy")
+    moved = dataclasses.replace(cfg, cache_dir=str(copy))
+    shutil.rmtree(copy / "synthetic_train" / "00003")
+    with pytest.raises(SystemExit, match=r"shards \[3\] of 12 are missing"):
+        cache.build_train_loader(moved)
+    with open(copy / "meta.json") as f:
+        text = f.read()
+    with open(copy / "meta.json", "w") as f:
+        f.write(text.replace(cache.code_version(), "0123456789abcdef"))
+    with pytest.raises(SystemExit, match="code: the cache has '0123456789abcdef', the config gives"):
+        cache.model_config(moved)
+
+
+# ------------------------------------------------------------------------------------------------- resuming
+
+def test_a_killed_extraction_resumes_and_equals_an_uninterrupted_one(extracted, tmp_path, monkeypatch):
+    cfg = dataclasses.replace(extracted, cache_dir=str(tmp_path / "cache"))
+    close, calls = cache._ShardWriter.close, []
+
+    def killed_in_shard_1(writer):  # the files of shard 1 are written, the rename never happens
+        calls.append(writer.path)
+        if len(calls) == 2:
+            for f in writer.files.values():
+                f.close()
+            raise KeyboardInterrupt("killed")
+        close(writer)
+    monkeypatch.setattr(cache._ShardWriter, "close", killed_in_shard_1)
+    with pytest.raises(KeyboardInterrupt):
+        cache.extract_all(cfg, shard_size=SHARD)
+    train_dir = tmp_path / "cache" / "synthetic_train"
+    assert sorted(os.listdir(train_dir))[:2] == ["00000", "00001.tmp." + str(os.getpid())]
+    monkeypatch.setattr(cache._ShardWriter, "close", close)
+    written, init = [], cache._ShardWriter.__init__
+
+    def counted(writer, folder, k):
+        written.append((os.path.basename(folder), k))
+        init(writer, folder, k)
+    monkeypatch.setattr(cache._ShardWriter, "__init__", counted)
+    cache.extract_all(cfg, shard_size=SHARD)
+    # shard 0 kept, shard 1 redone, then the rest: 93 training sentences in 12 shards, 36 val sentences in 5
+    assert written == [("synthetic_train", k) for k in range(1, 12)] + [("synthetic_val", k) for k in range(5)]
+    assert not glob.glob(str(train_dir / "*.tmp.*"))
+    assert_same_files(extracted.cache_dir, cfg.cache_dir)
+    written.clear()
+    cache.extract_all(cfg, shard_size=SHARD)  # complete: nothing to do
+    assert written == []
+
+
+def test_extraction_refuses_a_disk_too_small(extracted, tmp_path, monkeypatch):
+    cfg = dataclasses.replace(extracted, cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 1000, 1000))
+    with pytest.raises(SystemExit, match=r"needs about [\d.]+ KiB but the disk has 1000 B free"):
+        cache.extract_all(cfg, shard_size=SHARD)
+
+
+# ------------------------------------------------------------------------------------------ two processes
+
+def _extract_worker(rank, world, port, cfg_dict, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cache.extract_all(build.config_from_dict(cfg_dict), rank, world, shard_size=SHARD)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_ranks(cfg, out, timeout=120):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.start_processes(_extract_worker, args=(2, port, vars(cfg), str(out)), nprocs=2, join=False,
+                                 start_method="fork")  # the test process has the modules loaded: seconds faster
+    deadline = time.time() + timeout
+    while not context.join(timeout=1):
+        if time.time() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"the 2 extraction ranks still run after {timeout} s")
+
+
+def test_two_processes_write_the_same_cache_as_one(extracted, tmp_path):
+    cfg = dataclasses.replace(extracted, cache_dir=str(tmp_path / "cache"))
+    run_ranks(cfg, tmp_path)
+    assert_same_files(extracted.cache_dir, cfg.cache_dir)
+    before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(cfg.cache_dir, "*", "*"))}
+    run_ranks(cfg, tmp_path)  # complete: both ranks idle, nothing rewritten
+    assert before == {p: os.path.getmtime(p) for p in glob.glob(os.path.join(cfg.cache_dir, "*", "*"))}
