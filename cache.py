@@ -394,7 +394,7 @@ def _extract(cfg, qwen, tokenizer, grounder, todo, mine, shard_size, device, ran
                 writer = _ShardWriter(os.path.join(cfg.cache_dir, name), k)
             if "phrases" in batch:  # else every sample of the batch was unreadable (skip_bad): nothing to store
                 with autocast:
-                    frozen = build.extract(qwen, grounder, model.to_device(batch, device))
+                    frozen = _extract_unique(qwen, grounder, batch, device)
                 rates = writer.add(batch, frozen)
                 if not checked:  # the expected size, from the first batch, before more than it is written
                     checked = True
@@ -405,6 +405,41 @@ def _extract(cfg, qwen, tokenizer, grounder, todo, mine, shard_size, device, ran
                 writer.close()
                 writer = None
     bar.close()
+
+
+def _extract_unique(qwen, grounder, batch, device):
+    """build.extract of a batch whose identical sequences (same image, same tokens: a constant_phrase ablation makes
+    every sentence of an image one) run once, their outputs copied: equal to extracting every sequence."""
+    keys = [(image_id, tuple(ids.tolist())) for image_id, ids in zip(batch["image_id"], batch["input_ids"])]
+    first = {}
+    for b, key in enumerate(keys):
+        first.setdefault(key, b)
+    unique = list(first.values())
+    if len(unique) == len(keys):
+        return build.extract(qwen, grounder, model.to_device(batch, device))
+    frozen = build.extract(qwen, grounder, model.to_device(_select(batch, unique), device))
+    row = [unique.index(first[key]) for key in keys]  # each sequence's row in the unique batch
+    counts = qwen_inputs.phrase_counts(_select(batch, unique))
+    starts = np.cumsum([0] + counts)
+    out = dict(phrase_image=[b for b, u in enumerate(row) for _ in range(counts[u])])
+    for key, value in frozen.items():
+        if key == "phrase_image" or value is None:
+            out.setdefault(key, value)
+        elif key in PER_PHRASE:
+            out[key] = [value[i] for u in row for i in range(starts[u], starts[u + 1])]
+        else:  # per sequence (or its image): a list, or one stacked tensor
+            out[key] = value[torch.tensor(row, device=value.device)] if torch.is_tensor(value) else [value[u] for u in row]
+    return out
+
+
+def _select(batch, rows):
+    """The sequences `rows` of a collated batch, as a batch (pixel_values cut at each image's patch rows)."""
+    patches = np.cumsum([0] + batch["image_grid_thw"].prod(-1).tolist())
+    out = {k: [v[r] for r in rows] for k, v in batch.items() if isinstance(v, list) and k != "skipped"}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            out[k] = torch.cat([v[patches[r]:patches[r + 1]] for r in rows]) if k == "pixel_values" else v[rows]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- reading

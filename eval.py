@@ -208,6 +208,8 @@ def baselines_table(specs, protocol, seed, ours, constant=None):
     for spec in specs:
         name = data.spec_name(spec)
         table[f"{name} (ours)"] = ours[name]
+        if f"{name} (U-Net only)" in ours:  # the refiner's run: its U-Net's own masks too
+            table[f"{name} (ours, U-Net only)"] = ours[f"{name} (U-Net only)"]
         if constant is not None:
             table[f"{name} (constant phrase)"] = constant[name]
         if spec["kind"] == "refer":
@@ -295,8 +297,12 @@ def write_overlays(qwen, grounder, loader, n, folder, device, autocast=contextli
 
 def report(qwen, grounder, loaders, device, autocast, out_dir, vis=0, writer=None, step=0, coarse=False):
     """The end of a run (train.py) or of eval.py: score every split, print the table, write metrics.json and
-    overlays of `vis` scenes of the first split (rank 0), return {split: metrics}."""
+    overlays of `vis` scenes of the first split (rank 0), return {split: metrics}. With a refiner also the U-Net's
+    own masks, as "<split> (U-Net only)": F-LMM's ablation in one table."""
     metrics = evaluate_all(qwen, grounder, loaders, device, autocast, coarse=coarse)
+    if getattr(grounder, "module", grounder).refiner is not None and not coarse:
+        unet = evaluate_all(qwen, grounder, loaders, device, autocast, coarse=True)
+        metrics = {k: v for name in unet for k, v in ((name, metrics[name]), (f"{name} (U-Net only)", unet[name]))}
     if int(os.environ.get("RANK", 0)) != 0:
         if sharded(qwen):  # rank 0 writes the overlays, but every rank must join their forwards
             for name, (loader, _) in list(loaders.items())[:1] if vis else []:

@@ -301,12 +301,17 @@ def main(cfg):
         if world > 1:
             dist.barrier()
     try:
+        if cfg.cache_dir:  # extract what is missing (nothing after the first run), then train from the files
+            cache.extract_all(cfg, rank, world, device)
         metrics, _ = train(cfg, device, rank, world)
         if cfg.baselines:  # what the head would score without language, and a random object of the image
             ablation = dataclasses.replace(cfg, constant_phrase=cfg.baseline_phrase, baselines=False, resume=False,
-                                           vis_samples=0, out_dir=os.path.join(cfg.out_dir, "constant_phrase"))
+                                           vis_samples=0, out_dir=os.path.join(cfg.out_dir, "constant_phrase"),
+                                           cache_dir=f"{cfg.cache_dir.rstrip('/')}_constant_phrase" * bool(cfg.cache_dir))
             print0(f"\nbaseline: the same head trained with every expression replaced by {cfg.baseline_phrase!r} "
                    f"(out_dir={ablation.out_dir}, otherwise the config above)")
+            if ablation.cache_dir:  # its own cache: the phrase is part of what was extracted
+                cache.extract_all(ablation, rank, world, device)
             constant, _ = train(ablation, device, rank, world, show_config=False)
             if rank == 0:
                 print0("\ngrounding vs the two baselines:")

@@ -296,3 +296,30 @@ def test_two_processes_write_the_same_cache_as_one(extracted, tmp_path):
     before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(cfg.cache_dir, "*", "*"))}
     run_ranks(cfg, tmp_path)  # complete: both ranks idle, nothing rewritten
     assert before == {p: os.path.getmtime(p) for p in glob.glob(os.path.join(cfg.cache_dir, "*", "*"))}
+
+
+def test_identical_sequences_run_once_and_give_every_sequence_its_outputs(tiny_qwen, synthetic_root, tmp_path,
+                                                                         monkeypatch):
+    """A constant-phrase ablation makes every sentence of an image the same sequence: extraction runs each distinct
+    one once and copies its outputs, which must equal extracting them all (and be read back per sentence)."""
+    model_dir, qwen, tokenizer = tiny_qwen
+    cfg = cache_config(model_dir, synthetic_root, tmp_path, constant_phrase="the object",
+                       refiner=dict(sam="tiny"), synthetic=dict(root=str(tmp_path / "sam")))
+    grounder = build.build_grounder(build.grounder_kwargs(cfg, qwen.config))
+    ds = build.build_dataset(dataclasses.replace(cfg, protocol="standard"), tokenizer, cfg.train_data[0], train=False,
+                             sam_side=build.sam_size(grounder))
+    images = [item["image_id"] for item in ds.items]
+    second = images.index(images[-1])  # the last image's first sentence
+    batch = data.collate_skip([ds[i] for i in (0, 1, second, 2, second + 1)])  # two images, each repeated
+    calls = []
+    extract = build.extract
+    monkeypatch.setattr(build, "extract", lambda q, g, b: calls.append(len(b["phrases"])) or extract(q, g, b))
+    deduped = cache._extract_unique(qwen, grounder, batch, torch.device("cpu"))
+    assert calls[0] == 2  # one sequence per image ran
+    full = extract(qwen, grounder, model.to_device(batch, torch.device("cpu")))
+    assert deduped["phrase_image"] == full["phrase_image"]
+    for key in ("maps", "hidden", "vision"):
+        for a, b in zip(deduped[key] or [], full[key] or [], strict=True):
+            assert torch.allclose(a, b, atol=1e-5), key
+    assert torch.allclose(deduped["sam_embeddings"], full["sam_embeddings"], atol=1e-5)
+    assert deduped["sam_sizes"] == full["sam_sizes"]
