@@ -9,6 +9,7 @@ output_attentions=True, full model with lm_head, batch 1). Random weights; RefCO
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -226,6 +227,51 @@ def bench_refiner(qwen, tokenizer, sam_name, bs, size, device, repeats, workdir)
     return res
 
 
+def bench_cache(model_dir, root, bs, device, workdir, args):
+    """Sequences/s of a full training step (frozen outputs + head + AdamW) from cache.py's files vs online, both in
+    the sentence layout on the synthetic images of the loader benchmark; extraction speed; the cached loader alone."""
+    import cache
+    spec = dict(kind="refer", data_root=root, dataset="synthetic", split_by="unc", split="train",
+                image_dir=os.path.join(root, "images"))
+    cfg = build.config_from_dict(dict(model=model_dir, dtype="bfloat16" if device.type == "cuda" else "float32",
+                                      layout="sentence", train_data=[spec], batch_size=bs, num_workers=args.workers,
+                                      head=dict(base=16, size=16),  # the demo's head: the frozen part dominates
+                                      cache_dir=os.path.join(workdir, "cache"), out_dir=os.path.join(workdir, "out")))
+    t = time.perf_counter()
+    cache.extract_all(cfg, device=device)
+    n_sequences = len(build.build_dataset(dataclasses.replace(cfg, protocol="standard"), None, spec, train=False,
+                                          settings={}))
+    res = {"extract_seq_per_s": n_sequences / (time.perf_counter() - t)}
+    qwen, tokenizer = build.build_qwen(cfg, device)
+    grounder = build.build_grounder(build.grounder_kwargs(cfg, qwen.config), device)
+    opt = torch.optim.AdamW(grounder.parameters(), lr=1e-4)
+    autocast = build.autocast_for(cfg, device)
+
+    def epoch_rate(loader, qwen):  # one epoch, after 2 warm-up steps
+        data.set_epoch(loader, 0)
+        count = 0
+        for i, batch in enumerate(loader):
+            if i == 2:
+                count, t = 0, time.perf_counter()
+            batch = model.to_device(batch, device)
+            with autocast:
+                out = grounder(build.extract(qwen, grounder, batch))
+                loss = sum(v.mean() for v, _ in heads.losses(out, batch).values())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            count += len(batch["phrases"])
+        sync(device)
+        return count / (time.perf_counter() - t)
+    res["online_seq_per_s"] = epoch_rate(build.build_train_loader(cfg, tokenizer), qwen)
+    cached = cache.build_train_loader(dataclasses.replace(cfg, num_workers=0))
+    res["cached_seq_per_s"] = epoch_rate(cached, None)
+    res["cached_vs_online"] = res["cached_seq_per_s"] / res["online_seq_per_s"]
+    t, count = time.perf_counter(), sum(len(b["phrases"]) for b in cached)
+    res["cached_loader_seq_per_s"] = count / (time.perf_counter() - t)
+    return res
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help=f"tiny | {' | '.join(ARCH)} | a local checkpoint directory")
@@ -371,6 +417,17 @@ def main():
     res["loader_workers"] = args.workers
     rows.append((f"DataLoader, {args.workers} workers (samples/s)", f"{loader_rate:.1f}",
                  f"step needs {res['train_samples_per_s']:.1f}", f"{loader_rate / res['train_samples_per_s']:.2f}x"))
+
+    # 6. a head step from cache.py's files vs online (sentence layout, both): what extraction saves every epoch
+    model_dir = os.path.join(workdir, "tiny") if args.model == "tiny" else args.model
+    if os.path.isdir(model_dir):
+        res["cache"] = bench_cache(model_dir, root, best, device, workdir, args)
+        c = res["cache"]
+        rows.append((f"extraction, batch {best} (sequences/s)", f"{c['extract_seq_per_s']:.1f}", "", ""))
+        rows.append(("head step from the cache (sequences/s)", f"{c['cached_seq_per_s']:.1f}",
+                     f"online {c['online_seq_per_s']:.1f}/s", f"{c['cached_vs_online']:.2f}x"))
+        rows.append(("cached loader alone (sequences/s)", f"{c['cached_loader_seq_per_s']:.1f}",
+                     f"head needs {c['cached_seq_per_s']:.1f}", ""))
 
     print(f"\n{res['device']} | {args.model} | {res['dtype']} | seq {res['forward_batch1']['seq_len']} tokens, "
           f"{res['forward_batch1']['image_tokens']} image tokens")

@@ -191,10 +191,11 @@ def train(cfg, device, rank=0, world=1, show_config=True):
     optimizer = torch.optim.AdamW([p for p in grounder.parameters() if p.requires_grad], lr=peak, betas=cfg.betas,
                                   weight_decay=cfg.weight_decay)
     n_train = sum(p.numel() for p in grounder.parameters() if p.requires_grad)
-    n_frozen = sum(p.numel() for p in qwen.parameters()) if qwen is not None else 0
-    n_frozen += sum(p.numel() for p in grounder.frozen_parameters())
-    print0(f"trainable {n_train / 1e6:.2f}M (grounder) | frozen {n_frozen / 1e6:.1f}M ({config.model_type}"
-           f"{', cached in ' + cfg.cache_dir if cfg.cache_dir else ''}"
+    n_frozen = sum(p.numel() for p in grounder.frozen_parameters())
+    frozen = f"{config.model_type} read from {cfg.cache_dir}" if qwen is None else config.model_type
+    if qwen is not None:
+        n_frozen += sum(p.numel() for p in qwen.parameters())
+    print0(f"trainable {n_train / 1e6:.2f}M (grounder) | frozen {n_frozen / 1e6:.1f}M ({frozen}"
            f"{' + SAM image encoder' if grounder.refiner is not None else ''}) | "
            f"{len(loader.dataset)} training images, {steps_per_epoch} steps/epoch, {total} steps | global batch "
            f"{cfg.batch_size * cfg.grad_accum * world} images ({cfg.batch_size} x {cfg.grad_accum} accum x {world} "
