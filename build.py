@@ -164,6 +164,20 @@ def init_distributed():
     return rank, world, device
 
 
+def start_job(cfg):
+    """What every job script does first: torchrun setup (init_distributed), cfg.threads, and the synthetic data
+    (written once, by rank 0, the others waiting) when the config uses it -> (rank, world, device)."""
+    rank, world, device = init_distributed()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.synthetic:
+        if rank == 0:
+            synthetic.make_synthetic(**cfg.synthetic)
+        if world > 1:
+            dist.barrier()
+    return rank, world, device
+
+
 def autocast_for(cfg, device):
     """bf16 (or fp16) autocast on CUDA; float32 and the CPU run without."""
     if device.type == "cuda" and cfg.dtype != "float32":

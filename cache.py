@@ -58,7 +58,6 @@ import build
 import data
 import model
 import qwen_inputs
-import synthetic
 from build import print0
 
 FORMAT = 1  # bump when the files change
@@ -593,14 +592,7 @@ def build_val_loaders(cfg, specs):
 
 
 def main(cfg, shard_size=SHARD_SIZE):
-    rank, world, device = build.init_distributed()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.synthetic:
-        if rank == 0:
-            synthetic.make_synthetic(**cfg.synthetic)
-        if world > 1:
-            dist.barrier()
+    rank, world, device = build.start_job(cfg)
     try:
         t0 = time.time()
         extract_all(cfg, rank, world, device, shard_size)

@@ -30,7 +30,6 @@ import data
 import eval as evaluation
 import head as heads
 import model
-import synthetic
 from build import print0
 
 
@@ -293,14 +292,7 @@ def train(cfg, device, rank=0, world=1, show_config=True):
 
 
 def main(cfg):
-    rank, world, device = build.init_distributed()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.synthetic:
-        if rank == 0:
-            synthetic.make_synthetic(**cfg.synthetic)
-        if world > 1:
-            dist.barrier()
+    rank, world, device = build.start_job(cfg)
     try:
         if cfg.cache_dir:  # extract what is missing (nothing after the first run), then train from the files
             cache.extract_all(cfg, rank, world, device)
