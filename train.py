@@ -300,7 +300,7 @@ def main(cfg):
         if cfg.baselines:  # what the head would score without language, and a random object of the image
             ablation = dataclasses.replace(cfg, constant_phrase=cfg.baseline_phrase, baselines=False, resume=False,
                                            vis_samples=0, out_dir=os.path.join(cfg.out_dir, "constant_phrase"),
-                                           cache_dir=f"{cfg.cache_dir.rstrip('/')}_constant_phrase" * bool(cfg.cache_dir))
+                                           cache_dir=f"{cfg.cache_dir.rstrip('/')}_constant_phrase" if cfg.cache_dir else "")
             print0(f"\nbaseline: the same head trained with every expression replaced by {cfg.baseline_phrase!r} "
                    f"(out_dir={ablation.out_dir}, otherwise the config above)")
             if ablation.cache_dir:  # its own cache: the phrase is part of what was extracted
