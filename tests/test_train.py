@@ -424,3 +424,16 @@ def test_the_grounded_head_beats_the_same_head_without_language(tmp_path):
         cache.extract_all(cfg)
         cIoU[name] = train.train(cfg, torch.device("cpu"), show_config=False)[0]["synthetic_val"]["cIoU"]
     assert cIoU["words"] > cIoU["constant"] + 5, cIoU
+
+
+def test_refiner_run_reports_refined_and_coarse_masks(tiny_qwen, synthetic_root, tmp_path, monkeypatch):
+    """With a refiner the end-of-run table holds the refined masks and the U-Net's own, and eval.py scores the same
+    two from the checkpoint (default: refined; --coarse: the U-Net's)."""
+    cfg = tiny_config(tiny_qwen[0], synthetic_root, tmp_path, max_steps=3, vis_samples=0, vis_every=0,
+                      refiner=dict(sam="tiny"), synthetic=dict(root=str(tmp_path / "sam")))
+    metrics, _ = train.train(cfg, torch.device("cpu"))
+    assert set(metrics) == {"synthetic_val", "synthetic_val (U-Net only)"}
+    assert metrics["synthetic_val"] != metrics["synthetic_val (U-Net only)"]
+    for flag, key in (([], "synthetic_val"), (["--coarse"], "synthetic_val (U-Net only)")):
+        run_eval(monkeypatch, "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "m.json"), *flag)
+        assert json.load(open(tmp_path / "m.json"))["results"]["synthetic_val"] == pytest.approx(metrics[key]), key
