@@ -280,12 +280,12 @@ def extract(qwen, grounder, batch):
                                   hidden_layers=refine.layer_weights.numel() if refine is not None else 0,
                                   answer_layers=select.layer_weights.numel() if select is not None else 0)
     if refine is not None:  # SAM's image encoder once per distinct image (the sentence layout repeats images)
-        first = {}
-        for i, image_id in enumerate(batch["image_id"]):
-            first.setdefault(image_id, i)
-        unique = list(first.values())
-        embeddings = refine.image_embeddings(torch.stack([batch["sam_pixel_values"][i] for i in unique]))
-        index = torch.tensor([unique.index(first[image_id]) for image_id in batch["image_id"]], device=embeddings.device)
+        row = {}  # image_id -> its row among the distinct images, in first-seen order
+        for image_id in batch["image_id"]:
+            row.setdefault(image_id, len(row))
+        first = {image_id: i for i, image_id in reversed(list(enumerate(batch["image_id"])))}
+        embeddings = refine.image_embeddings(torch.stack([batch["sam_pixel_values"][first[i]] for i in row]))
+        index = torch.tensor([row[image_id] for image_id in batch["image_id"]], device=embeddings.device)
         frozen.update(sam_embeddings=embeddings[index], sam_sizes=batch["sam_size"])
     return frozen
 

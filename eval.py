@@ -85,14 +85,22 @@ def predict(qwen, grounder, batch, sizes, coarse=False, spans=None):
     """Batch (on the device) -> one bool mask per phrase (batch order, then phrase order), upsampled to its image's
     original size; sizes: one (H, W) per sample. The refined masks when the grounder has a refiner, unless coarse.
     spans: a list that gets, with a phrase selector, each sequence's exact-match span counts (tp, predicted, gold)."""
+    kind = "coarse" if coarse else "final"
+    return predict_kinds(qwen, grounder, batch, sizes, (kind,), spans)[kind]
+
+
+@torch.no_grad()
+def predict_kinds(qwen, grounder, batch, sizes, kinds, spans=None):
+    """predict for several kinds of mask from ONE frozen forward and grounder call: {kind: masks}, kind "final"
+    (refined with a refiner, else the U-Net's) or "coarse" (the U-Net's)."""
     frozen = build.extract(qwen, grounder, batch)
     out = grounder(frozen)
     if spans is not None and "select" in out:  # gold: the supervised phrases (heads.answer_tags)
         spans += [selection.span_counts(selection.decode(x), selection.tag_spans(t))
                   for x, t in zip(out["select"], heads.answer_tags(batch), strict=True)]
-    logits = out["coarse" if coarse or "refined" not in out else "refined"]
-    return [F.interpolate(x[None, None].float(), size=sizes[i], mode="bilinear", align_corners=False)[0, 0] > 0
-            for x, i in zip(logits, frozen["phrase_image"], strict=True)]
+    logits = dict(final=out.get("refined", out["coarse"]), coarse=out["coarse"])
+    return {kind: [F.interpolate(x[None, None].float(), size=sizes[i], mode="bilinear", align_corners=False)[0, 0] > 0
+                   for x, i in zip(logits[kind], frozen["phrase_image"], strict=True)] for kind in kinds}
 
 
 def gt_sizes(batch):
@@ -101,12 +109,14 @@ def gt_sizes(batch):
 
 @torch.no_grad()
 def evaluate(qwen, grounder, loader, device, kind="refer", autocast=contextlib.nullcontext(), max_batches=0,
-             coarse=False):
+             coarse=False, with_coarse=False):
     """Score the loader's dataset (every rank its shard, results gathered) -> the metrics of its kind:
-    refer: cIoU, mIoU, P@t; grefcoco: also N-acc / T-acc; png: average recall overall and per group."""
+    refer: cIoU, mIoU, P@t; grefcoco: also N-acc / T-acc; png: average recall overall and per group.
+    with_coarse: (final metrics, the U-Net's metrics), both from the same forwards."""
     was_training = grounder.training
     grounder.eval()
-    rows, spans = [], []  # per phrase: (intersection, union, flags, predicted pixels); per sequence: span counts
+    kinds = ("coarse",) if coarse else ("final", "coarse") if with_coarse else ("final",)
+    rows, spans = {k: [] for k in kinds}, []  # per phrase: (I, U, flags, predicted pixels); per sequence: spans
     batches = min(max_batches or len(loader), len(loader))
     lockstep = sharded(qwen)
     if lockstep:  # a sharded VLM needs every rank in every forward: all run as many as the longest shard
@@ -119,31 +129,33 @@ def evaluate(qwen, grounder, loader, device, kind="refer", autocast=contextlib.n
         if batch is None or "phrases" not in batch:  # a shorter shard, or every sample unreadable (skip_bad)
             if lockstep and last is not None:  # join the other ranks' forward, result discarded
                 with autocast:
-                    predict(qwen, grounder, last, gt_sizes(last), coarse)
+                    predict_kinds(qwen, grounder, last, gt_sizes(last), kinds)
             continue
         batch = last = model.to_device(batch, device, model.DEVICE_KEYS + ("gt_masks",))
         with autocast:
-            preds = predict(qwen, grounder, batch, gt_sizes(batch), coarse, spans)
+            preds = predict_kinds(qwen, grounder, batch, gt_sizes(batch), kinds, spans)
         gts = [g for m in batch["gt_masks"] for g in m]
-        # I, U and predicted pixels on the device, one host transfer per batch
-        stats = torch.stack([torch.stack([(p & g).sum(), (p | g).sum(), p.sum()]) for p, g in zip(preds, gts,
-                                                                                              strict=True)]).tolist()
         flags = {key: [f for fl in batch[key] for f in fl] for key in ("no_target", "isthing", "plural", "supervised")}
-        for j, (inter, union, area) in enumerate(stats):
-            rows.append((inter, union, {k: bool(v[j]) for k, v in flags.items()}, area))
+        for k in kinds:  # I, U and predicted pixels on the device, one host transfer per batch and kind
+            stats = torch.stack([torch.stack([(p & g).sum(), (p | g).sum(), p.sum()])
+                                 for p, g in zip(preds[k], gts, strict=True)]).tolist()
+            for j, (inter, union, area) in enumerate(stats):
+                rows[k].append((inter, union, {f: bool(v[j]) for f, v in flags.items()}, area))
     if dist.is_initialized():  # the per-phrase I, U of every rank: sums (cIoU) and per-phrase IoUs (mIoU, P@t, AR)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, rows)
-        rows = [r for part in gathered for r in part]
+        rows = {k: [r for part in gathered for r in part[k]] for k in kinds}
         dist.all_gather_object(gathered, spans)
         spans = [c for part in gathered for c in part]
     grounder.train(was_training)
-    return summarize(rows, kind, spans)
+    metrics = [summarize(rows[k], kind, spans) for k in kinds]
+    return tuple(metrics) if with_coarse else metrics[0]
 
 
-def evaluate_all(qwen, grounder, loaders, device, autocast=contextlib.nullcontext(), max_batches=0, coarse=False):
-    """{split: (loader, spec)} -> {split: metrics}."""
-    return {name: evaluate(qwen, grounder, loader, device, spec["kind"], autocast, max_batches, coarse)
+def evaluate_all(qwen, grounder, loaders, device, autocast=contextlib.nullcontext(), max_batches=0, coarse=False,
+                 with_coarse=False):
+    """{split: (loader, spec)} -> {split: metrics} (with_coarse: each split's metrics a (final, U-Net) pair)."""
+    return {name: evaluate(qwen, grounder, loader, device, spec["kind"], autocast, max_batches, coarse, with_coarse)
             for name, (loader, spec) in loaders.items()}
 
 
@@ -299,10 +311,12 @@ def report(qwen, grounder, loaders, device, autocast, out_dir, vis=0, writer=Non
     """The end of a run (train.py) or of eval.py: score every split, print the table, write metrics.json and
     overlays of `vis` scenes of the first split (rank 0), return {split: metrics}. With a refiner also the U-Net's
     own masks, as "<split> (U-Net only)": F-LMM's ablation in one table."""
-    metrics = evaluate_all(qwen, grounder, loaders, device, autocast, coarse=coarse)
-    if getattr(grounder, "module", grounder).refiner is not None and not coarse:
-        unet = evaluate_all(qwen, grounder, loaders, device, autocast, coarse=True)
-        metrics = {k: v for name in unet for k, v in ((name, metrics[name]), (f"{name} (U-Net only)", unet[name]))}
+    if getattr(grounder, "module", grounder).refiner is not None and not coarse:  # both from the same forwards
+        pairs = evaluate_all(qwen, grounder, loaders, device, autocast, with_coarse=True)
+        metrics = {k: v for name, (final, unet) in pairs.items()
+                   for k, v in ((name, final), (f"{name} (U-Net only)", unet))}
+    else:
+        metrics = evaluate_all(qwen, grounder, loaders, device, autocast, coarse=coarse)
     if int(os.environ.get("RANK", 0)) != 0:
         if sharded(qwen):  # rank 0 writes the overlays, but every rank must join their forwards
             for name, (loader, _) in list(loaders.items())[:1] if vis else []:
