@@ -20,8 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+import batching
 import build
-import data
+import cache
+import cached
 import head as heads
 import model
 import qwen_inputs
@@ -106,6 +108,9 @@ def build_model(name, device, workdir):
     return qwen, tokenizer
 
 
+MB = 2 ** 20
+
+
 def stock_sdpa(qwen):
     qwen.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
 
@@ -128,6 +133,15 @@ def timed(fn, device, repeats, warmup=2):
     base = reset_peak(device)
     fn()
     return statistics.median(times), peak(device) - base
+
+
+def once(fn, device):
+    """Seconds of one call of fn() and the peak memory it added (bytes): for runs that must not repeat (extraction)."""
+    base = reset_peak(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t, peak(device) - base
 
 
 def sync(device):
@@ -224,13 +238,15 @@ def bench_refiner(qwen, tokenizer, sam_name, bs, size, device, repeats, workdir)
     grounder.refiner.forward = per_phrase_refiner
     res["refiner_step_vs_unet"] = res["refiner_batched"]["step_s"] / res["unet"]["step_s"]
     res["batched_speedup_vs_per_phrase"] = res["refiner_per_phrase"]["step_s"] / res["refiner_batched"]["step_s"]
-    return res
+    rows = [(f"step {name}, SAM {sam_name}, batch {bs}", f"{res[name]['ms_per_sample']:.1f} ms/sample",
+             f"+{res[name]['peak_added_bytes'] / MB:.0f} MiB", f"{res[name]['step_s'] / res['unet']['step_s']:.2f}x")
+            for name in ("unet", "refiner_batched", "refiner_per_phrase")]
+    return dict(res, sam=sam_name), rows
 
 
 def bench_cache(model_dir, root, bs, device, workdir, args):
     """Sequences/s of a full training step (frozen outputs + head + AdamW) from cache.py's files vs online, both in
     the sentence layout on the synthetic images of the loader benchmark; extraction speed; the cached loader alone."""
-    import cache
     spec = dict(kind="refer", data_root=root, dataset="synthetic", split_by="unc", split="train",
                 image_dir=os.path.join(root, "images"))
     cfg = build.config_from_dict(dict(model=model_dir, dtype="bfloat16" if device.type == "cuda" else "float32",
@@ -248,7 +264,7 @@ def bench_cache(model_dir, root, bs, device, workdir, args):
     autocast = build.autocast_for(cfg, device)
 
     def epoch_rate(loader, qwen):  # one epoch, after 2 warm-up steps
-        data.set_epoch(loader, 0)
+        batching.set_epoch(loader, 0)
         count = 0
         for i, batch in enumerate(loader):
             if i == 2:
@@ -264,53 +280,36 @@ def bench_cache(model_dir, root, bs, device, workdir, args):
         sync(device)
         return count / (time.perf_counter() - t)
     res["online_seq_per_s"] = epoch_rate(build.build_train_loader(cfg, tokenizer), qwen)
-    cached = cache.build_train_loader(dataclasses.replace(cfg, num_workers=0))
-    res["cached_seq_per_s"] = epoch_rate(cached, None)
+    from_cache = cached.build_train_loader(dataclasses.replace(cfg, num_workers=0))
+    res["cached_seq_per_s"] = epoch_rate(from_cache, None)
     res["cached_vs_online"] = res["cached_seq_per_s"] / res["online_seq_per_s"]
-    t, count = time.perf_counter(), sum(len(b["phrases"]) for b in cached)
+    t, count = time.perf_counter(), sum(len(b["phrases"]) for b in from_cache)
     res["cached_loader_seq_per_s"] = count / (time.perf_counter() - t)
-    return res
+    return res, [(f"extraction, batch {bs} (sequences/s)", f"{res['extract_seq_per_s']:.1f}", "", ""),
+                 ("head step from the cache (sequences/s)", f"{res['cached_seq_per_s']:.1f}",
+                  f"online {res['online_seq_per_s']:.1f}/s", f"{res['cached_vs_online']:.2f}x"),
+                 ("cached loader alone (sequences/s)", f"{res['cached_loader_seq_per_s']:.1f}",
+                  f"head needs {res['cached_seq_per_s']:.1f}", "")]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help=f"tiny | {' | '.join(ARCH)} | a local checkpoint directory")
-    parser.add_argument("--out", default=None, help="write the raw numbers here as JSON")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch_sizes", default="1,2,4,8")
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers for the loader benchmark")
-    parser.add_argument("--image_size", default="640x480", help="WxH of the benchmark images (640x480: 391 tokens)")
-    parser.add_argument("--quick", action="store_true", help="one repeat, batch 1 only (keeps the script working)")
-    parser.add_argument("--sam", default="tiny", choices=list(SAM_ARCH) + ["none"],
-                        help="SAM for the refiner rows (random weights): tiny, vit_b, vit_l (F-LMM's) or none")
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    size = tuple(int(v) for v in args.image_size.split("x"))
-    if device.type == "cpu":
-        fixed_mmap_threshold()
-        torch.set_num_threads(1)  # steadier on small shared machines (DESIGN.md); the ratios are what matter
-    repeats = 1 if args.quick else args.repeats
-    batch_sizes = [1] if args.quick else [int(b) for b in args.batch_sizes.split(",")]
-    workdir = tempfile.mkdtemp()
-    qwen, tokenizer = build_model(args.model, device, workdir)
-    rng = np.random.default_rng(0)
-    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-           "model": args.model, "dtype": str(dtype_for(device)), "torch": torch.__version__}
-    rows = []
-
-    # 1. patchify vs the official processor, images/s
+def bench_patchify(ctx):
+    """patchify vs the official processor, images/s."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    image = Image.fromarray(ctx.rng.integers(0, 256, (ctx.size[1], ctx.size[0], 3), dtype=np.uint8))
     official = Qwen2VLImageProcessorPil(min_pixels=qwen_inputs.MIN_PIXELS, max_pixels=qwen_inputs.MAX_PIXELS)
-    n = 5 if args.quick else 40
-    t_ours, _ = timed(lambda: [qwen_inputs.patchify(image) for _ in range(n)], torch.device("cpu"), repeats)
-    t_hf, _ = timed(lambda: [official(images=image, return_tensors="pt") for _ in range(n)], torch.device("cpu"), repeats)
-    res["patchify"] = {"ours_images_per_s": n / t_ours, "hf_images_per_s": n / t_hf}
-    res["patchify_speedup_vs_hf"] = t_hf / t_ours
-    rows.append((f"patchify {args.image_size} (images/s)", f"{n / t_ours:.1f}", f"official {n / t_hf:.1f}", f"{t_hf / t_ours:.2f}x"))
+    n, cpu = 5 if ctx.quick else 40, torch.device("cpu")
+    t_ours, _ = timed(lambda: [qwen_inputs.patchify(image) for _ in range(n)], cpu, ctx.repeats)
+    t_hf, _ = timed(lambda: [official(images=image, return_tensors="pt") for _ in range(n)], cpu, ctx.repeats)
+    res = {"ours_images_per_s": n / t_ours, "hf_images_per_s": n / t_hf, "speedup_vs_hf": t_hf / t_ours}
+    return res, [(f"patchify {ctx.image_size} (images/s)", f"{n / t_ours:.1f}", f"official {n / t_hf:.1f}",
+                  f"{t_hf / t_ours:.2f}x")]
 
-    # 2. the frozen forward three ways, batch 1
-    one = model.to_device(qwen_inputs.collate([sample(tokenizer, rng, size)]), device)
+
+def bench_forward(ctx):
+    """The frozen forward three ways, batch 1: the floor (stock SDPA, no capture), ours, F-LMM's (eager attention,
+    output_attentions, the full model with lm_head)."""
+    qwen, device, repeats = ctx.qwen, ctx.device, ctx.repeats
+    one = model.to_device(qwen_inputs.collate([sample(ctx.tokenizer, ctx.rng, ctx.size)]), device)
     inputs = {k: one[k] for k in model.MODEL_INPUTS}
     with torch.no_grad():
         stock_sdpa(qwen)  # the floor: stock transformers SDPA everywhere, no capture
@@ -321,39 +320,34 @@ def main():
         qwen.set_attn_implementation("eager")  # F-LMM: eager attention, every layer's full S x S map, lm_head
         t_flmm, m_flmm = timed(lambda: qwen(**inputs, output_attentions=True, use_cache=False), device, repeats)
         model.use_fast_attention(qwen)
-    res["forward_batch1"] = {"seq_len": int(one["input_ids"].shape[1]),
-                             "image_tokens": int(one["mm_token_type_ids"].sum()),
-                             "floor": {"s": t_floor, "added_bytes": m_floor},
-                             "ours_no_capture": {"s": t_fast, "added_bytes": m_fast},
-                             "ours": {"s": t_ours, "added_bytes": m_ours},
-                             "flmm": {"s": t_flmm, "added_bytes": m_flmm}}
-    res["capture_time_vs_floor"] = t_ours / t_floor
-    res["capture_speedup_vs_flmm"] = t_flmm / t_ours
-    res["capture_memory_vs_flmm"] = m_ours / max(m_flmm, 1)
-    mb = 2 ** 20
-    rows += [("forward: floor (qwen.model, stock SDPA)", f"{1e3 * t_floor:.1f} ms", f"+{m_floor / mb:.0f} MiB", "1.00x"),
-             ("forward: our attention, no capture", f"{1e3 * t_fast:.1f} ms", f"+{m_fast / mb:.0f} MiB",
-              f"{t_fast / t_floor:.2f}x"),
-             ("forward: ours (phrase_attention)", f"{1e3 * t_ours:.1f} ms", f"+{m_ours / mb:.0f} MiB",
-              f"{t_ours / t_floor:.2f}x"),
-             ("forward: F-LMM (eager, output_attentions)", f"{1e3 * t_flmm:.1f} ms", f"+{m_flmm / mb:.0f} MiB",
-              f"{t_flmm / t_floor:.2f}x")]
+    res = {"seq_len": int(one["input_ids"].shape[1]), "image_tokens": int(one["mm_token_type_ids"].sum()),
+           "floor": {"s": t_floor, "added_bytes": m_floor}, "ours_no_capture": {"s": t_fast, "added_bytes": m_fast},
+           "ours": {"s": t_ours, "added_bytes": m_ours}, "flmm": {"s": t_flmm, "added_bytes": m_flmm},
+           "capture_time_vs_floor": t_ours / t_floor, "capture_speedup_vs_flmm": t_flmm / t_ours,
+           "capture_memory_vs_flmm": m_ours / max(m_flmm, 1)}
+    rows = [(name, f"{1e3 * t:.1f} ms", f"+{m / MB:.0f} MiB", f"{t / t_floor:.2f}x") for name, t, m in (
+        ("forward: floor (qwen.model, stock SDPA)", t_floor, m_floor), ("forward: our attention, no capture", t_fast,
+        m_fast), ("forward: ours (phrase_attention)", t_ours, m_ours),
+        ("forward: F-LMM (eager, output_attentions)", t_flmm, m_flmm))]
+    return res, rows
 
-    # 3. a full training step vs the floor at the same batch size
-    text = qwen.config.text_config
-    vision = qwen.config.vision_config
+
+def bench_train(ctx, t_flmm):
+    """A full training step (frozen forward + capture + U-Net + AdamW) vs the floor, at each batch size; the best
+    batch size is what the later sections use."""
+    qwen, device, repeats = ctx.qwen, ctx.device, ctx.repeats
+    text, vision = qwen.config.text_config, qwen.config.vision_config
     grounder = heads.Grounder(heads.MaskHead(in_channels=text.num_hidden_layers * text.num_attention_heads,
                                              token_px=vision.patch_size * vision.spatial_merge_size)).to(device)
     opt = torch.optim.AdamW(grounder.parameters(), lr=1e-4, weight_decay=0.01)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    res["train"] = {}
-    best = None
-    for bs in batch_sizes:
-        batch = model.to_device(qwen_inputs.collate([sample(tokenizer, rng, size) for _ in range(bs)]), device)
+    res, rows, best = {}, [], None
+    for bs in ctx.batch_sizes:
+        batch = model.to_device(qwen_inputs.collate([sample(ctx.tokenizer, ctx.rng, ctx.size) for _ in range(bs)]),
+                                device)
         inputs = {k: batch[k] for k in model.MODEL_INPUTS}
 
         def step():
-            with autocast:
+            with ctx.autocast:
                 out = grounder(model.frozen_outputs(qwen, batch))
                 loss = sum(heads.phrase_losses(out, batch).values()).mean()
             loss.backward()
@@ -372,74 +366,175 @@ def main():
             torch.cuda.empty_cache()
             rows.append((f"train step batch {bs}", "out of memory", "", ""))
             break
-        res["train"][bs] = {"step_s": t_s, "floor_s": t_f, "no_capture_s": t_n, "capture_s": t_c, "samples_per_s": bs / t_s,
-                            "peak_added_bytes": m_s}
+        res[bs] = {"step_s": t_s, "floor_s": t_f, "no_capture_s": t_n, "capture_s": t_c, "samples_per_s": bs / t_s,
+                   "peak_added_bytes": m_s}
         rows.append((f"train step batch {bs} (samples/s)", f"{bs / t_s:.1f}", f"floor {bs / t_f:.1f}/s",
                      f"{t_s / t_f:.2f}x"))
-        if best is None or bs / t_s > res["train"][best]["samples_per_s"]:
+        if best is None or bs / t_s > res[best]["samples_per_s"]:
             best = bs
-    res["best_batch_size"] = best
-    res["train_step_time_vs_floor"] = res["train"][best]["step_s"] / res["train"][best]["floor_s"]
-    res["train_samples_per_s"] = res["train"][best]["samples_per_s"]
-    # F-LMM's way is batch 1 by construction; ours batches: per-sample capture time at the best batch size
-    res["capture_speedup_vs_flmm_batched"] = t_flmm / (res["train"][best]["capture_s"] / best)
-    res["capture_time_vs_our_forward_batched"] = res["train"][best]["capture_s"] / res["train"][best]["no_capture_s"]
-    rows.append((f"capture vs our forward, batch {best}", f"{1e3 * res['train'][best]['capture_s']:.1f} ms",
-                 f"no capture {1e3 * res['train'][best]['no_capture_s']:.1f} ms",
-                 f"{res['capture_time_vs_our_forward_batched']:.2f}x"))
-    rows.append((f"capture per sample at batch {best}", f"{1e3 * res['train'][best]['capture_s'] / best:.1f} ms",
-                 f"F-LMM {1e3 * t_flmm:.1f} ms", f"{res['capture_speedup_vs_flmm_batched']:.2f}x faster"))
+    b = res[best]
+    res.update(best_batch_size=best, step_time_vs_floor=b["step_s"] / b["floor_s"], samples_per_s=b["samples_per_s"],
+               # F-LMM's way is batch 1 by construction; ours batches: per-sample capture time at the best batch size
+               capture_speedup_vs_flmm_batched=t_flmm / (b["capture_s"] / best),
+               capture_time_vs_our_forward_batched=b["capture_s"] / b["no_capture_s"])
+    rows += [(f"capture vs our forward, batch {best}", f"{1e3 * b['capture_s']:.1f} ms",
+              f"no capture {1e3 * b['no_capture_s']:.1f} ms", f"{res['capture_time_vs_our_forward_batched']:.2f}x"),
+             (f"capture per sample at batch {best}", f"{1e3 * b['capture_s'] / best:.1f} ms", f"F-LMM {1e3 * t_flmm:.1f} ms",
+              f"{res['capture_speedup_vs_flmm_batched']:.2f}x faster")]
+    return res, rows
 
-    # 4. the SAM refiner's cost over the U-Net-only step, batched vs F-LMM's per-phrase loop
-    if args.sam != "none":
-        ref = res["refiner"] = bench_refiner(qwen, tokenizer, args.sam, best, size, device, repeats, workdir)
-        ref["sam"] = args.sam
-        for name in ("unet", "refiner_batched", "refiner_per_phrase"):
-            rows.append((f"step {name}, SAM {args.sam}, batch {best}", f"{ref[name]['ms_per_sample']:.1f} ms/sample",
-                         f"+{ref[name]['peak_added_bytes'] / mb:.0f} MiB",
-                         f"{ref[name]['step_s'] / ref['unet']['step_s']:.2f}x"))
 
-    # 5. the DataLoader with workers vs what the training step consumes
-    # enough images for several batches per worker; the first epoch starts the (persistent) workers, the second
-    # is timed, as in training where workers live for the whole run
+def bench_loader(ctx, root, bs, step_rate):
+    """The DataLoader with workers vs what the training step consumes. The first epoch starts the (persistent)
+    workers, the second is timed, as in training where workers live for the whole run."""
+    dataset = batching.build_dataset(dict(kind="refer", data_root=root, dataset="synthetic", split_by="unc",
+                                          split="train", image_dir=os.path.join(root, "images")), ctx.tokenizer,
+                                     train=True)
+    loader = batching.build_loader(dataset, bs, num_workers=ctx.workers, shuffle=True, seed=0, drop_last=True)
+    for epoch in range(2):
+        batching.set_epoch(loader, epoch)
+        t = time.perf_counter()
+        rate = sum(len(b["input_ids"]) for b in loader) / (time.perf_counter() - t)
+    return {"samples_per_s": rate, "workers": ctx.workers}, [
+        (f"DataLoader, {ctx.workers} workers (samples/s)", f"{rate:.1f}", f"step needs {step_rate:.1f}",
+         f"{rate / step_rate:.2f}x")]
+
+
+def cap_sentences(root, out, per_image):
+    """A copy of the synthetic dataset at `root` (refer layout) keeping at most `per_image` sentences per image (at
+    least one per object): RefCOCO's ~7 where the demo's scenes have ~11. Returns the new data root."""
+    import pickle
+    import shutil
+    os.makedirs(os.path.join(out, "synthetic"), exist_ok=True)
+    shutil.copy(os.path.join(root, "synthetic", "instances.json"), os.path.join(out, "synthetic", "instances.json"))
+    with open(os.path.join(root, "synthetic", "refs(unc).p"), "rb") as f:
+        refs = pickle.load(f)
+    used = {}
+    for ref in refs:  # objects in file order; an image's budget shared by its objects
+        n = used.get(ref["image_id"], 0)
+        keep = max(1, min(len(ref["sentences"]), per_image - n))
+        ref["sentences"] = ref["sentences"][:keep]
+        used[ref["image_id"]] = n + keep
+    with open(os.path.join(out, "synthetic", "refs(unc).p"), "wb") as f:
+        pickle.dump(refs, f)
+    return out
+
+
+def bench_packing(ctx, demo_root):
+    """One forward per image (packed sentences) vs one per sentence, on the demo's tiny VLM and data: cache.py's
+    extraction, the standard-protocol eval and a sentence-layout training step (all online), sentences/s and peak
+    memory, at the demo's ~11 sentences per image and at RefCOCO's ~7."""
+    import yaml
+    import eval as evaluation
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")) as f:
+        demo = yaml.safe_load(f)
+    res, rows = {}, []
+    for label, root in (("demo", demo_root), ("7/image", cap_sentences(demo_root, os.path.join(ctx.workdir, "cap7"), 7))):
+        spec = dict(kind="refer", data_root=root, dataset="synthetic", split_by="unc", split="val",
+                    image_dir=os.path.join(demo_root, "images"))
+        for pack in (2048, 0):
+            cfg = build.config_from_dict(dict(
+                model="tiny", tiny_model=demo["tiny_model"], head=demo["head"], vision_features=True, dtype="float32",
+                synthetic=dict(root=os.path.join(ctx.workdir, "demo_model")), layout="sentence", train_data=[spec],
+                val_data=[spec], batch_size=4, num_workers=0, pack_tokens=pack,
+                cache_dir=os.path.join(ctx.workdir, f"cache_{label.replace('/', '')}_{pack}"),
+                out_dir=os.path.join(ctx.workdir, "out")))
+            qwen, tokenizer = build.build_qwen(cfg, ctx.device)
+            grounder = build.build_grounder(build.grounder_kwargs(cfg, qwen.config), ctx.device)
+            n = len(build.build_dataset(dataclasses.replace(cfg, pack_tokens=0), None, spec, train=False, settings={}))
+            r = res.setdefault(label, {}).setdefault("packed" if pack else "one_per_sentence", {"sentences": n})
+            t, m = once(lambda: cache.extract_all(cfg, device=ctx.device), ctx.device)
+            r["extract_sent_per_s"], r["extract_peak_added_bytes"] = n / t, m
+            (loader, _), = build.build_val_loaders(cfg, tokenizer, cfg.val_data).values()
+            t, m = once(lambda: evaluation.evaluate(qwen, grounder, loader, ctx.device), ctx.device)
+            r["eval_sent_per_s"], r["eval_peak_added_bytes"] = n / t, m
+            opt = torch.optim.AdamW(grounder.parameters(), lr=1e-4)
+            batches = list(build.build_train_loader(cfg, tokenizer))
+
+            def epoch():
+                for batch in batches:
+                    batch = model.to_device(batch, ctx.device)
+                    out = grounder(build.extract(qwen, grounder, batch))
+                    sum(v.mean() for v, _ in heads.losses(out, batch).values()).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            sentences = sum(len(b["ids"]) if "segment_ids" not in b else heads.sentence_count(b) for b in batches)
+            t, m = once(epoch, ctx.device)
+            r["train_sent_per_s"], r["train_peak_added_bytes"] = sentences / t, m
+        p, u = res[label]["packed"], res[label]["one_per_sentence"]
+        for what in ("extract", "eval", "train"):
+            res[label][f"{what}_speedup"] = p[f"{what}_sent_per_s"] / u[f"{what}_sent_per_s"]
+            rows.append((f"{what}, {label}, packed (sentences/s)", f"{p[f'{what}_sent_per_s']:.1f}",
+                         f"one each {u[f'{what}_sent_per_s']:.1f}/s", f"{res[label][f'{what}_speedup']:.2f}x"))
+            rows.append((f"{what}, {label}, peak memory packed", f"+{p[f'{what}_peak_added_bytes'] / MB:.0f} MiB",
+                         f"one each +{u[f'{what}_peak_added_bytes'] / MB:.0f} MiB", ""))
+    return res, rows
+
+
+SECTIONS = ("patchify", "forward", "train", "packing", "refiner", "loader", "cache")
+DEFAULT = ("patchify", "forward", "train", "packing")  # about 3 minutes on 2 CPU cores
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help=f"tiny | {' | '.join(ARCH)} | a local checkpoint directory")
+    parser.add_argument("--out", default=None, help="write the raw numbers here as JSON")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch_sizes", default="1,2,4")
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers for the loader benchmark")
+    parser.add_argument("--image_size", default="640x480", help="WxH of the benchmark images (640x480: 391 tokens)")
+    parser.add_argument("--quick", action="store_true", help="one repeat, batch 1 only (keeps the script working)")
+    parser.add_argument("--sections", default=",".join(DEFAULT),
+                        help=f"comma-separated, from {','.join(SECTIONS)} or all (default: {','.join(DEFAULT)})")
+    parser.add_argument("--sam", default="tiny", choices=list(SAM_ARCH),
+                        help="SAM for the refiner section (random weights): tiny, vit_b, vit_l (F-LMM's)")
+    args = parser.parse_args()
+    sections = SECTIONS if args.sections == "all" else tuple(args.sections.split(","))
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"--sections: unknown {unknown}; choose from {list(SECTIONS)} or all")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        fixed_mmap_threshold()
+        torch.set_num_threads(1)  # steadier on small shared machines (DESIGN.md); the ratios are what matter
+    workdir = tempfile.mkdtemp()
+    qwen, tokenizer = build_model(args.model, device, workdir)
+    ctx = argparse.Namespace(
+        qwen=qwen, tokenizer=tokenizer, device=device, workdir=workdir, rng=np.random.default_rng(0),
+        size=tuple(int(v) for v in args.image_size.split("x")), image_size=args.image_size, quick=args.quick,
+        repeats=1 if args.quick else args.repeats, workers=args.workers,
+        batch_sizes=[1] if args.quick else [int(b) for b in args.batch_sizes.split(",")],
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+           "model": args.model, "dtype": str(dtype_for(device)), "torch": torch.__version__, "sections": sections}
+    rows = []
+
+    def section(name, fn, *a):
+        if name in sections:
+            res[name], r = fn(*a)
+            rows.extend(r)
+    section("patchify", bench_patchify, ctx)
+    section("forward", bench_forward, ctx)  # "train" needs it: F-LMM's batch-1 time
+    if "train" in sections and "forward" not in sections:
+        raise SystemExit("--sections: train compares with F-LMM's batch-1 forward: add forward")
+    section("train", bench_train, ctx, res.get("forward", {}).get("flmm", {}).get("s"))
+    best = res["train"]["best_batch_size"] if "train" in res else ctx.batch_sizes[-1]
     n_images = 16 if args.quick else max(128, 4 * best * max(1, args.workers))
     root = synthetic.make_synthetic(os.path.join(workdir, "synthetic"), seed=0, num_train=n_images, num_val=0,
-                               num_test=0, size=size)
-    dataset = data.build_dataset(dict(kind="refer", data_root=root, dataset="synthetic", split_by="unc", split="train",
-                                      image_dir=os.path.join(root, "images")), tokenizer, train=True)
-    loader = data.build_loader(dataset, best, num_workers=args.workers, shuffle=True, seed=0, drop_last=True)
-    for epoch in range(2):
-        data.set_epoch(loader, epoch)
-        t = time.perf_counter()
-        count = sum(len(b["input_ids"]) for b in loader)
-        loader_rate = count / (time.perf_counter() - t)
-    res["loader_samples_per_s"] = loader_rate
-    res["loader_workers"] = args.workers
-    rows.append((f"DataLoader, {args.workers} workers (samples/s)", f"{loader_rate:.1f}",
-                 f"step needs {res['train_samples_per_s']:.1f}", f"{loader_rate / res['train_samples_per_s']:.2f}x"))
-
-    # 6. a head step from cache.py's files vs online (sentence layout, both): what extraction saves every epoch
+                                    num_test=0, size=ctx.size)
+    if "packing" in sections:  # the demo's scenes: 224 px, ~11 sentences each
+        demo_root = synthetic.make_synthetic(os.path.join(workdir, "demo"), seed=0, num_train=0,
+                                             num_val=4 if args.quick else 24, num_test=0)
+        section("packing", bench_packing, ctx, demo_root)
+    section("refiner", bench_refiner, qwen, tokenizer, args.sam, best, ctx.size, device, ctx.repeats, workdir)
+    section("loader", bench_loader, ctx, root, best, res.get("train", {}).get("samples_per_s", float("nan")))
     model_dir = os.path.join(workdir, "tiny") if args.model == "tiny" else args.model
     if os.path.isdir(model_dir):
-        res["cache"] = bench_cache(model_dir, root, best, device, workdir, args)
-        c = res["cache"]
-        rows.append((f"extraction, batch {best} (sequences/s)", f"{c['extract_seq_per_s']:.1f}", "", ""))
-        rows.append(("head step from the cache (sequences/s)", f"{c['cached_seq_per_s']:.1f}",
-                     f"online {c['online_seq_per_s']:.1f}/s", f"{c['cached_vs_online']:.2f}x"))
-        rows.append(("cached loader alone (sequences/s)", f"{c['cached_loader_seq_per_s']:.1f}",
-                     f"head needs {c['cached_seq_per_s']:.1f}", ""))
+        section("cache", bench_cache, model_dir, root, best, device, workdir, args)
 
-    print(f"\n{res['device']} | {args.model} | {res['dtype']} | seq {res['forward_batch1']['seq_len']} tokens, "
-          f"{res['forward_batch1']['image_tokens']} image tokens")
+    print(f"\n{res['device']} | {args.model} | {res['dtype']} | sections {','.join(sections)}")
     for r in rows:
-        print(f"{r[0]:<44} {r[1]:>12} {r[2]:>20} {r[3]:>8}")
-    for key in ("patchify_speedup_vs_hf", "capture_time_vs_floor", "capture_speedup_vs_flmm",
-                "capture_speedup_vs_flmm_batched", "capture_time_vs_our_forward_batched", "capture_memory_vs_flmm",
-                "train_step_time_vs_floor", "train_samples_per_s"):
-        print(f"{key} = {res[key]:.3f}")
-    for key in ("refiner_step_vs_unet", "batched_speedup_vs_per_phrase"):
-        if "refiner" in res:
-            print(f"{key} = {res['refiner'][key]:.3f}")
+        print(f"{r[0]:<48} {r[1]:>14} {r[2]:>22} {r[3]:>8}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+import batching
 import data
 import head as heads
 import model
@@ -43,12 +44,15 @@ class Config:
     # many last VLM layers' hidden states of the answer tokens it reads (0 = all); width: its channels (default 128)
     # data
     synthetic: dict = field(default_factory=dict)  # synthetic.make_synthetic kwargs; written once, then reused
-    train_data: list = field(default_factory=list)  # data.build_dataset specs, mixed by concatenation
+    train_data: list = field(default_factory=list)  # batching.build_dataset specs, mixed by concatenation
     val_data: list = field(default_factory=list)  # specs scored by the periodic eval and at the end
     test_data: list = field(default_factory=list)  # specs eval.py scores (default: val_data)
     protocol: str = "standard"  # eval protocol: standard (every sentence) or flmm (first sentence, per image)
-    layout: str = "image"  # training sequences: image (all objects of an image in one) or sentence (one per object,
-    # as the standard eval protocol and cache.py lay them out)
+    layout: str = "image"  # training sequences: image (all objects of an image in one) or sentence (each object's
+    # sentence independent of the others, as the standard eval protocol and cache.py lay them out)
+    pack_tokens: int = 2048  # sentence layout, standard-protocol eval, cache.py: an image's sentences share one prefix
+    # (one vision + prefix forward per image, each sentence exactly as alone), rows capped at this many tokens;
+    # 0 = one sequence per sentence
     constant_phrase: str = ""  # ablation: every expression replaced by this text (no language -> saliency only)
     min_pixels: int = 0  # smart_resize bounds overriding the checkpoint's (0: its preprocessor_config.json's)
     max_pixels: int = 0
@@ -303,23 +307,23 @@ def build_dataset(cfg, tokenizer, spec, train, sam_side=0, settings=None):
     """settings: patchify's keyword arguments (None: image_settings(cfg, tokenizer)); cache.py passes those its files
     were extracted with, and no tokenizer."""
     settings = image_settings(cfg, tokenizer) if settings is None else settings
-    return data.build_dataset(spec, tokenizer, train=train, protocol=cfg.protocol, image_settings=settings,
+    return batching.build_dataset(spec, tokenizer, train=train, protocol=cfg.protocol, image_settings=settings,
                               skip_bad=cfg.skip_bad,
                               max_length=cfg.max_length,
                               seed=cfg.seed, constant_phrase=cfg.constant_phrase or None, layout=cfg.layout,
-                              sam_size=sam_side)
+                              pack_tokens=cfg.pack_tokens, sam_size=sam_side)
 
 
 def build_train_loader(cfg, tokenizer, sam_side=0):
     sets = [build_dataset(cfg, tokenizer, spec, train=True, sam_side=sam_side) for spec in cfg.train_data]
     train_set = sets[0] if len(sets) == 1 else torch.utils.data.ConcatDataset(sets)
-    return data.build_loader(train_set, cfg.batch_size, num_workers=cfg.num_workers, shuffle=True, seed=cfg.seed,
+    return batching.build_loader(train_set, cfg.batch_size, num_workers=cfg.num_workers, shuffle=True, seed=cfg.seed,
                              drop_last=True)
 
 
 def build_val_loaders(cfg, tokenizer, specs, sam_side=0):
     """{split name: (loader, spec)} for eval, in the config's order."""
-    return {data.spec_name(spec): (data.build_loader(build_dataset(cfg, tokenizer, spec, train=False, sam_side=sam_side),
+    return {data.spec_name(spec): (batching.build_loader(build_dataset(cfg, tokenizer, spec, train=False, sam_side=sam_side),
                                                      cfg.batch_size, num_workers=cfg.num_workers), spec)
             for spec in specs}
 

@@ -10,10 +10,10 @@ Layout: one sentence per token sequence, exactly the samples of the standard eva
 "standard"). A phrase's maps depend on everything before it in its sequence, so they are exact only for the layout
 they were extracted in. With one sentence per sequence any sentence of an object can be drawn in any epoch, the val
 splits are the standard protocol as they are, and training from the cache equals online training with
-layout=sentence for the same seed: the same draw (data.sentence_picks with default_rng([seed, epoch, index])) picks
-the same sentences, batched in the same order. All of an image's sentences in one sequence would be cheaper to
-extract, but each sentence's maps would then depend on the sentences before it. PNG narratives are one sequence each,
-as online.
+layout=sentence for the same seed: the same draw (batching.EpochDraws) picks the same sentences, batched in the same
+order. Extraction still runs one forward per image, not per sentence (pack_tokens > 0): a shard's sentences of one
+image are packed behind one shared image prefix (qwen_inputs.build_packed), each seeing only the prefix and itself at
+its own positions, so what is stored is what its own sequence gives. PNG narratives are one sequence each, as online.
 
 Files under cache_dir:
     meta.json          what produced the cache (check_cache compares "frozen" with the config) and how ("extraction")
@@ -38,7 +38,6 @@ bytes through the DataLoader and to the device); the head casts them to its own 
 """
 import argparse
 import dataclasses
-import functools
 import glob
 import hashlib
 import json
@@ -51,9 +50,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import transformers
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import batching
 import build
 import data
 import model
@@ -310,7 +310,7 @@ def extract_all(cfg, rank=0, world=1, device=torch.device("cpu"), shard_size=SHA
         raise ValueError("extract_all(world > 1) needs the torchrun process group (build.init_distributed)")
     specs = list({data.spec_name(s): s for s in cfg.train_data + cfg.val_data}.items())  # each split once
     build.check_data(cfg, [s for _, s in specs])
-    standard = dataclasses.replace(cfg, protocol="standard")
+    standard = dataclasses.replace(cfg, protocol="standard", pack_tokens=0)  # one item per sentence
     meta_path = os.path.join(cfg.cache_dir, "meta.json")
     if os.path.isfile(meta_path):  # never mix the outputs of another model, image setting or code version
         diff = _differences(_read_json(meta_path)["frozen"], frozen_meta(cfg))
@@ -339,7 +339,7 @@ def extract_all(cfg, rank=0, world=1, device=torch.device("cpu"), shard_size=SHA
         extraction = _jsonable(dict(
             model_type=qwen.config.model_type, frozen_dtype=str(qwen.dtype).replace("torch.", ""),
             model_config_sha1=hashlib.sha1(qwen.config.to_json_string(use_diff=False).encode()).hexdigest()[:16],
-            image_settings=build.image_settings(cfg, tokenizer), batch_size=cfg.batch_size,
+            image_settings=build.image_settings(cfg, tokenizer), batch_size=cfg.batch_size, pack_tokens=cfg.pack_tokens,
             shard_size=shard_size, torch=torch.__version__.split("+")[0], transformers=transformers.__version__))
         if rank == 0 and not os.path.isfile(meta_path):
             os.makedirs(cfg.cache_dir, exist_ok=True)
@@ -370,9 +370,11 @@ def extract_all(cfg, rank=0, world=1, device=torch.device("cpu"), shard_size=SHA
 
 def _extract(cfg, qwen, tokenizer, grounder, todo, mine, shard_size, device, rank):
     """This rank's missing shards, split by split: one DataLoader over exactly their sequences, in batches that never
-    cross a shard's boundary, so that a shard's files do not depend on what else the run extracts."""
+    cross a shard's boundary, so that a shard's files do not depend on what else the run extracts. With pack_tokens,
+    a shard's sentences of one image share one packed row (one vision and prefix forward per image); what is stored
+    is the same, one sentence per sequence."""
     autocast = build.autocast_for(cfg, device)
-    standard = dataclasses.replace(cfg, protocol="standard")
+    standard = dataclasses.replace(cfg, protocol="standard", pack_tokens=0)
     bar = tqdm(total=sum(min(shard_size, len(todo[name][1]) - k * shard_size) for name, ks in mine.items() for k in ks),
                disable=rank != 0, unit="seq", dynamic_ncols=True, file=sys.stdout, mininterval=2)
     checked = False
@@ -380,215 +382,42 @@ def _extract(cfg, qwen, tokenizer, grounder, todo, mine, shard_size, device, ran
         if not shards:
             continue
         ds = build.build_dataset(standard, tokenizer, todo[name][0], train=False, sam_side=build.sam_size(grounder))
-        bounds = {k: (k * shard_size, min((k + 1) * shard_size, len(ds))) for k in shards}
-        batches = [list(range(i, min(i + cfg.batch_size, hi))) for k in shards for lo, hi in [bounds[k]]
-                   for i in range(lo, hi, cfg.batch_size)]
-        loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=data.collate_skip,
-                            pin_memory=device.type == "cuda")
-        writer = None
-        for indices, batch in zip(batches, loader):
-            k = indices[0] // shard_size
-            if writer is None:
-                bar.set_description(f"{name} shard {k}")
-                writer = _ShardWriter(os.path.join(cfg.cache_dir, name), k)
-            if "phrases" in batch:  # else every sample of the batch was unreadable (skip_bad): nothing to store
-                with autocast:
-                    frozen = _extract_unique(qwen, grounder, batch, device)
-                rates = writer.add(batch, frozen)
-                if not checked:  # the expected size, from the first batch, before more than it is written
-                    checked = True
-                    _check_disk(cfg, build.image_settings(cfg, tokenizer), rates, todo, shard_size)
-            writer.index["skipped"] += batch["skipped"]
-            bar.update(len(indices))
-            if indices[-1] == bounds[k][1] - 1:
-                writer.close()
-                writer = None
+        for k in shards:
+            bar.set_description(f"{name} shard {k}")
+            shard = ds.regroup(ds.items[k * shard_size:(k + 1) * shard_size], cfg.pack_tokens)
+            batches = [list(range(i, min(i + cfg.batch_size, len(shard)))) for i in range(0, len(shard), cfg.batch_size)]
+            loader = DataLoader(shard, batch_sampler=batches, num_workers=cfg.num_workers,
+                                collate_fn=batching.collate_skip, pin_memory=device.type == "cuda")
+            writer = _ShardWriter(os.path.join(cfg.cache_dir, name), k)
+            for batch in loader:
+                if "phrases" in batch:  # else every sample of the batch was unreadable (skip_bad): nothing to store
+                    with autocast:
+                        frozen = build.extract(qwen, grounder, model.to_device(batch, device))
+                    rates = writer.add(*_per_sentence(batch, frozen))
+                    if not checked:  # the expected size, from the first batch, before more than it is written
+                        checked = True
+                        _check_disk(cfg, build.image_settings(cfg, tokenizer), rates, todo, shard_size)
+                    bar.update(len(frozen["maps"]))
+                writer.index["skipped"] += batch["skipped"]
+            writer.close()
     bar.close()
 
 
-def _extract_unique(qwen, grounder, batch, device):
-    """build.extract of a batch whose identical sequences (same image, same tokens: a constant_phrase ablation makes
-    every sentence of an image one) run once, their outputs copied: equal to extracting every sequence."""
-    keys = [(image_id, tuple(ids.tolist())) for image_id, ids in zip(batch["image_id"], batch["input_ids"])]
-    first = {}
-    for b, key in enumerate(keys):
-        first.setdefault(key, b)
-    unique = list(first.values())
-    if len(unique) == len(keys):
-        return build.extract(qwen, grounder, model.to_device(batch, device))
-    frozen = build.extract(qwen, grounder, model.to_device(_select(batch, unique), device))
-    row = [unique.index(first[key]) for key in keys]  # each sequence's row in the unique batch
-    counts = qwen_inputs.phrase_counts(_select(batch, unique))
-    starts = np.cumsum([0] + counts)
-    out = dict(phrase_image=[b for b, u in enumerate(row) for _ in range(counts[u])])
-    for key, value in frozen.items():
-        if key == "phrase_image" or value is None:
-            out.setdefault(key, value)
-        elif key in PER_PHRASE:
-            out[key] = [value[i] for u in row for i in range(starts[u], starts[u + 1])]
-        else:  # per sequence (or its image): a list, or one stacked tensor
-            out[key] = value[torch.tensor(row, device=value.device)] if torch.is_tensor(value) else [value[u] for u in row]
-    return out
-
-
-def _select(batch, rows):
-    """The sequences `rows` of a collated batch, as a batch (pixel_values cut at each image's patch rows)."""
-    patches = np.cumsum([0] + batch["image_grid_thw"].prod(-1).tolist())
-    out = {k: [v[r] for r in rows] for k, v in batch.items() if isinstance(v, list) and k != "skipped"}
-    for k, v in batch.items():
-        if torch.is_tensor(v):
-            out[k] = torch.cat([v[patches[r]:patches[r + 1]] for r in rows]) if k == "pixel_values" else v[rows]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------- reading
-
-def _value(v):
-    return tuple(v) if isinstance(v, list) else v  # JSON wrote tuples (sam_sizes) as lists
-
-
-class CachedDataset(Dataset):
-    """A split's samples as GroundingDataset gives them (layout=sentence for training, the standard protocol for
-    eval), with the frozen outputs read from the cache under "frozen" instead of the model inputs: masks bool
-    (k, gh*patch, gw*patch) on the grid the VLM saw and gt_masks bool (k, H, W) from the annotations (data.item_targets,
-    data.resize_masks), the lists phrases, ids, supervised, no_target, isthing, plural, and image_id, file_name
-    (+ sam_masks bool (k, rh, rw) when SAM's outputs are cached). The same items in the same order and the same
-    sentence draws (data.sentence_picks, default_rng([seed, epoch, index])) as the online dataset; no image is
-    opened. frozen: maps (float32) and hidden (float16) a list per phrase, the sequence's own outputs and its
-    image's (float16)."""
-
-    def __init__(self, cfg, spec, train):
-        settings = _read_json(os.path.join(cfg.cache_dir, "meta.json"))["extraction"]["image_settings"]
-        # the online dataset's items, order, seed, phrase rule and mask resolution (settings: the cached ones)
-        online = build.build_dataset(cfg, None, spec, train=train, settings=settings)
-        self.items, self.image_dir, self.seed, self.train = online.items, online.image_dir, online.seed, train
-        self.patch = online.patch  # masks: (K, gh*patch, gw*patch), as the online samples have them
-        self.constant_phrase, self.skip_bad, self.skipped = online.constant_phrase, online.skip_bad, online.skipped
-        self.folder = os.path.join(cfg.cache_dir, data.spec_name(spec))
-        split = _read_json(os.path.join(self.folder, "spec.json"))
-        self.shards = [_read_json(os.path.join(_shard_dir(self.folder, k), "index.json"))
-                       for k in range(_num_shards(split["sequences"], split["shard_size"]))]
-        self.where = {}  # phrase id -> (shard, row)
-        for k, index in enumerate(self.shards):
-            for row, pid in enumerate(index["phrases"]["id"]):
-                if self.where.setdefault(pid, (k, row)) != (k, row):
-                    raise ValueError(f"{self.folder}: phrase id {pid} is in shards {self.where[pid][0]} and {k}")
-        self.stacked = tuple(self.shards[0]["stacked"]) if self.shards else ()
-        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # as GroundingDataset: reaches live workers
-        self._mmaps = {}  # (shard, output) -> np.memmap, opened on first use in each process
-
-    def __getstate__(self):  # DataLoader workers open their own maps
-        return dict(self.__dict__, _mmaps={})
-
-    def set_epoch(self, epoch):
-        self.epoch.fill_(epoch)
-
-    def __len__(self):
-        return len(self.items)
-
-    def _read(self, k, key, row):
-        """Row `row` of output `key` in shard k as stored (float16; float32 for the CENTRED outputs, rebuilt from
-        their deviations and means), a tensor of its stored shape (a copy: the map is read-only)."""
-        def stored(name):
-            entry = self.shards[k]["arrays"][name]
-            if (k, name) not in self._mmaps:
-                path = os.path.join(_shard_dir(self.folder, k), f"{name}.bin")
-                self._mmaps[k, name] = np.memmap(path, dtype=entry["dtype"], mode="r")
-            offset, shape = entry["offset"][row], entry["shape"][row]
-            return torch.from_numpy(np.array(self._mmaps[k, name][offset:offset + int(np.prod(shape))]).reshape(shape))
-        return stored(key).float() + stored(f"{key}.mean") if key in CENTRED else stored(key)
-
-    def __getitem__(self, index):
-        item = self.items[index]
-        picks = data.sentence_picks(item, np.random.default_rng([self.seed, int(self.epoch), index]))
-        ids = [e["ids"][k] for e, k in zip(item["entries"], picks)]
-        missing = [i for i in ids if i not in self.where]
-        if missing:  # its image was unreadable at extraction (skip_bad): the whole sample is, as online
-            msg = f"{self.folder}: phrases {missing} of {item['file_name']} (image {item['image_id']}) are not cached"
-            if not self.skip_bad:
-                raise data.DataError(msg)
-            print(f"skipping sample: {msg}")
-            return dict(bad=os.path.join(self.image_dir, item["file_name"]))
-        gt = data.item_targets(item)  # (K, H, W)
-        rows = [self.where[i] for i in ids]
-        k, row = rows[0]
-        gh, gw = self.shards[k]["images"]["grid"][self.shards[k]["phrases"]["image"][row]]
-        masks = data.resize_masks(gt, gh * self.patch, gw * self.patch)  # (K, gh*patch, gw*patch)
-        phrases = [self.constant_phrase or e["sentences"][p] for e, p in zip(item["entries"], picks)]
-        flags = {key: [e[key] for e in item["entries"]] for key in ("supervised", "no_target", "isthing", "plural")}
-        groups = {}  # (shard, sequence) -> the entries it holds: one per sentence; a PNG narrative holds all
-        for j, (k, row) in enumerate(rows):
-            groups.setdefault((k, self.shards[k]["phrases"]["seq"][row]), []).append(j)
-        samples, images = [], {}  # images: (shard, row) -> its outputs, read once for all the item's sequences
-        for (k, seq), js in groups.items():
-            shard = self.shards[k]
-            image = shard["phrases"]["image"][rows[js[0]][1]]
-            if (k, image) not in images:
-                images[k, image] = {key: self._read(k, key, image) for key, entry in shard["arrays"].items()
-                                    if entry["per"] == "image" and not key.endswith(".mean")}
-                images[k, image].update({key: _value(v["rows"][image]) for key, v in shard["values"].items()
-                                         if v["per"] == "image"})
-            frozen = dict({key: None for key in shard["none"]}, **images[k, image])
-            for key, entry in shard["arrays"].items():
-                if entry["per"] == "phrase" and not key.endswith(".mean"):  # a CENTRED output's means: read with it
-                    frozen[key] = [self._read(k, key, rows[j][1]) for j in js]
-                elif entry["per"] == "sequence" and not key.endswith(".mean"):
-                    frozen[key] = self._read(k, key, seq)
-            frozen.update({key: _value(v["rows"][seq]) for key, v in shard["values"].items() if v["per"] == "sequence"})
-            sample = dict(masks=masks[js], gt_masks=torch.from_numpy(gt[js]), phrases=[phrases[j] for j in js],
-                          ids=[ids[j] for j in js], image_id=item["image_id"], file_name=item["file_name"],
-                          frozen=frozen, **{key: [v[j] for j in js] for key, v in flags.items()})
-            if "sam_sizes" in frozen:  # the refined masks' targets, in SAM's frame, as the online dataset has them
-                sample["sam_masks"] = data.resize_masks(gt[js], *frozen["sam_sizes"])
-            samples.append(sample)
-        if self.train:
-            return samples  # one per sequence, as GroundingDataset's sentence layout (collate flattens)
-        if len(samples) != 1:
-            raise ValueError(f"{self.folder}: eval item {index} spans {len(samples)} cached sequences, expected 1")
-        return samples[0]
-
-
-def collate(samples, stacked=()):
-    """Cached samples (or lists of them) -> a batch with the keys data.collate_skip gives a loss and eval
-    (lists per sample), "skipped", and "frozen": the build.extract dict of the batch (per-phrase outputs in batch
-    then phrase order, phrase_image the sample of each phrase, the other outputs one per sample, the `stacked` ones
-    as one (B, ...) tensor), as CachedDataset reads them (maps float32, the rest float16)."""
-    samples = [s for x in samples for s in (x if isinstance(x, list) else [x])]
-    kept = [s for s in samples if "bad" not in s]
-    batch = dict(skipped=[s["bad"] for s in samples if "bad" in s])
-    if not kept:
-        return batch
-    batch.update({key: [s[key] for s in kept] for key in kept[0] if key != "frozen"})
-    frozen = dict(phrase_image=[b for b, s in enumerate(kept) for _ in s["ids"]])
-    for key, first in kept[0]["frozen"].items():
-        values = [s["frozen"][key] for s in kept]
-        frozen[key] = (None if first is None else [x for v in values for x in v] if key in PER_PHRASE else
-                       torch.stack(values) if key in stacked else values)
-    batch["frozen"] = frozen
-    return batch
-
-
-def build_train_loader(cfg):
-    """build.build_train_loader from the cache: the same images in the same order (seed, epoch), the same sentence
-    draws and batches as online training with layout=sentence; data.set_epoch and the sampler's skip (resume) work
-    as there."""
-    check_cache(cfg, cfg.train_data)
-    sets = [CachedDataset(cfg, spec, train=True) for spec in cfg.train_data]
-    return data.build_loader(sets[0] if len(sets) == 1 else ConcatDataset(sets), cfg.batch_size,
-                             num_workers=cfg.num_workers, shuffle=True, seed=cfg.seed, drop_last=True,
-                             collate_fn=functools.partial(collate, stacked=sets[0].stacked))
-
-
-def build_val_loaders(cfg, specs):
-    """build.build_val_loaders from the cache: {split name: (loader, spec)}, the standard protocol."""
-    check_cache(cfg, specs)
-    loaders = {}
-    for spec in specs:
-        ds = CachedDataset(cfg, spec, train=False)
-        loaders[data.spec_name(spec)] = (data.build_loader(ds, cfg.batch_size, num_workers=cfg.num_workers,
-                                                           collate_fn=functools.partial(collate, stacked=ds.stacked)),
-                                         spec)
-    return loaders
+def _per_sentence(batch, frozen):
+    """A batch (packed or not) of the standard protocol's sentences, one phrase each, and its frozen outputs -> the
+    same as one sequence per sentence, as the shards store it: ids, image_id, image_grid_thw and the per-image
+    outputs one per sentence, each phrase's own sentence in phrase_image (the per-sentence outputs already are)."""
+    if "segment_ids" not in batch:
+        return batch, frozen
+    row = frozen["phrase_image"]  # the packed row of each phrase, i.e. of each sentence
+    view = dict(ids=[[i] for ids in batch["ids"] for i in ids], image_id=[batch["image_id"][b] for b in row],
+                image_grid_thw=batch["image_grid_thw"][row])
+    out = dict(frozen, phrase_image=list(range(len(row))))
+    for key in PER_IMAGE:
+        value = frozen.get(key)
+        if value is not None:
+            out[key] = value[torch.tensor(row, device=value.device)] if torch.is_tensor(value) else [value[b] for b in row]
+    return view, out
 
 
 def main(cfg, shard_size=SHARD_SIZE):

@@ -1,5 +1,6 @@
-"""Referring data -> qwen_inputs samples: RefCOCO/+/g and gRefCOCO (refer layout), Panoptic Narrative Grounding
-(synthetic.py writes a dataset in the refer layout); the Dataset and the DataLoader.
+"""Referring data on disk -> records and masks: RefCOCO/+/g and gRefCOCO (refer layout), Panoptic Narrative Grounding,
+ReasonSeg (synthetic.py writes a dataset in the refer layout); the data specs of a config. loader.py turns records
+into token sequences and batches.
 
 Loaders return records (no image opened). Refer/gRefCOCO: one per referred object, `ref_id, ann_ids, image_id,
 file_name, height, width, segmentations` (target = their union; none for no-target), `sentences, sent_ids,
@@ -13,13 +14,7 @@ import warnings
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
-import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
-
-import qwen_inputs
-import refiner
-
 
 
 class DataError(ValueError):
@@ -284,12 +279,6 @@ def refer_items(records, protocol):
     return [item(rs[0], [entry(r, None if protocol == "train" else 0) for r in rs]) for rs in by_image.values()]
 
 
-def sentence_picks(item, rng):
-    """The sentence drawn for each entry of an item, rng = default_rng([seed, epoch, index]) (GroundingDataset, and
-    cache.py, which must draw exactly the same)."""
-    return [int(rng.integers(len(e["sentences"]))) for e in item["entries"]]
-
-
 def item_targets(item):
     """bool (K, H, W): each entry's target at the stored size (the union of its segmentations, or its panoptic
     segments); all False for a no-target expression."""
@@ -300,99 +289,6 @@ def item_targets(item):
             raise DataError(f"{item['panoptic_file']} is {segment_map.shape}, image is {(H, W)}")
         return np.stack([np.isin(segment_map, e["segment_ids"]) for e in item["entries"]])
     return np.stack([union_mask(e["segmentations"], H, W) for e in item["entries"]])
-
-
-class GroundingDataset(Dataset):
-    """Items -> samples; all CPU work (image, patchify, tokenize, masks) happens in __getitem__.
-
-    A sample: the `qwen_inputs.build_inputs` keys, `pixel_values` (gh*gw, 3*2*patch*patch) float32 (patch 14, 16 for
-    Qwen3-VL), `image_grid_thw` (1, 3), `masks` bool (K, gh*patch, gw*patch) (the loss targets), `gt_masks` bool
-    (K, H, W) at the stored size, and per phrase
-    the lists `phrases`, `ids`, `supervised`, `no_target`, `isthing`, `plural`; plus `image_id`, `file_name`.
-    The sentence drawn for an object with several depends only on (seed, epoch, index): a resumed run sees the same.
-    With skip_bad, an unreadable sample is {"bad": path} (dropped and listed by `collate_skip`); items whose files
-    are missing are left out at construction and listed in `self.skipped`."""
-
-    def __init__(self, items, tokenizer, *, image_dir, image_settings=None, max_length=None, sep="\n", seed=0,
-                 skip_bad=False, skipped=None, constant_phrase=None, layout="image", sam_size=0):
-        self.sam_size = sam_size  # > 0: also SAM's input (refiner.sam_image at this long side) and its targets
-        if layout not in ("image", "sentence"):
-            raise ValueError(f"layout must be image or sentence, got {layout!r}")
-        self.layout = layout  # image: all of an item's phrases in one sequence; sentence: each its own sequence
-        self.skipped = [] if skipped is None else skipped  # load-time skips, messages
-        start, self.items = len(self.skipped), []
-        for item in items:
-            paths = [os.path.join(image_dir, item["file_name"])]
-            paths += [item["panoptic_file"]] if "panoptic_file" in item else []
-            missing = [p for p in paths if not os.path.isfile(p)]
-            if missing:
-                _bad(f"{missing[0]}: no such file (image_id {item['image_id']}, ids {self._ids(item)})", skip_bad,
-                     self.skipped)
-                continue
-            self.items.append(item)
-        _report(image_dir, self.skipped, start)
-        self.tokenizer, self.image_dir, self.sep, self.seed, self.skip_bad = tokenizer, image_dir, sep, seed, skip_bad
-        # patchify's keyword arguments: the checkpoint's image settings (build.image_settings); None: Qwen2.5-VL's
-        self.image_settings, self.max_length = dict(image_settings or {}), max_length
-        self.patch = self.image_settings.get("patch_size", qwen_inputs.PATCH)  # masks: (K, gh*patch, gw*patch)
-        self.constant_phrase = constant_phrase  # ablation: every expression replaced by this text (no language)
-        # in shared memory so that set_epoch reaches DataLoader workers that already exist (persistent_workers)
-        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-
-    @staticmethod
-    def _ids(item):
-        return [e["ids"][0] for e in item["entries"]]
-
-    def set_epoch(self, epoch):
-        self.epoch.fill_(epoch)
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        item = self.items[index]
-        path = os.path.join(self.image_dir, item["file_name"])
-        try:
-            return self._sample(item, path, np.random.default_rng([self.seed, int(self.epoch), index]))
-        except (OSError, ValueError) as e:  # unreadable image, size mismatch, aspect > 200, untokenizable phrase
-            msg = f"{path} (image_id {item['image_id']}, ids {self._ids(item)}): {type(e).__name__}: {e}"
-            if not self.skip_bad:
-                raise DataError(msg) from e
-            print(f"skipping sample: {msg}")
-            return dict(bad=path)  # collate_skip drops it and reports the file
-
-    def _sample(self, item, path, rng):
-        H, W = item["height"], item["width"]
-        with Image.open(path) as image:
-            image.load()  # decode now: a truncated file fails here, inside the try of __getitem__
-            if (image.height, image.width) != (H, W):
-                raise DataError(f"image is {image.height}x{image.width}, annotations are for {H}x{W}")
-            sam = refiner.sam_image(image, self.sam_size) if self.sam_size else {}
-            pixel_values, image_grid_thw = qwen_inputs.patchify(image, **self.image_settings)
-        picks = sentence_picks(item, rng)
-        phrases = [self.constant_phrase or e["sentences"][k] for e, k in zip(item["entries"], picks)]
-        gt = item_targets(item)  # (K, H, W)
-        _, gh, gw = image_grid_thw[0].tolist()
-        sample = qwen_inputs.build_inputs(self.tokenizer, image_grid_thw, phrases, sep=self.sep,
-                                          max_length=self.max_length)
-        flags = {key: [e[key] for e in item["entries"]] for key in ("supervised", "no_target", "isthing", "plural")}
-        out = dict(sample, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                   masks=resize_masks(gt, gh * self.patch, gw * self.patch),
-                   gt_masks=torch.from_numpy(gt), phrases=phrases,
-                   ids=[e["ids"][k] for e, k in zip(item["entries"], picks)],
-                   image_id=item["image_id"], file_name=item["file_name"], **flags)
-        if sam:  # the refined masks' targets, in SAM's frame (rh, rw)
-            out.update(sam, sam_masks=resize_masks(gt, *sam["sam_size"]))
-        return out if self.layout == "image" else self._per_sentence(out)
-
-    def _per_sentence(self, out):
-        """One sample of K phrases -> K samples of one phrase each, each its own token sequence on the same image
-        (the layout of the standard eval protocol, and of cache.py's extraction)."""
-        per_phrase = ("masks", "gt_masks", "phrases", "ids", "supervised", "no_target", "isthing", "plural",
-                      *(["sam_masks"] if "sam_masks" in out else []))
-        return [dict(out, **qwen_inputs.build_inputs(self.tokenizer, out["image_grid_thw"], [phrase],
-                                                     max_length=self.max_length),
-                     **{key: out[key][k:k + 1] for key in per_phrase}) for k, phrase in enumerate(out["phrases"])]
 
 
 SPEC_KEYS = {"refer": {"data_root", "dataset", "split_by", "split", "image_dir"},
@@ -422,77 +318,3 @@ def spec_files(spec):
     folder, refs = ((spec["dataset"], f"refs({spec['split_by']}).p") if kind == "refer" else
                     ("grefcoco", "grefs(unc).json"))
     return [os.path.join(spec["data_root"], folder, name) for name in (refs, "instances.json")] + [spec["image_dir"]]
-
-
-def build_dataset(spec, tokenizer, *, train, protocol="standard", image_settings=None, skip_bad=False, max_length=None,
-                  seed=0, constant_phrase=None, layout="image", sam_size=0):
-    """A GroundingDataset from a YAML dict: {kind: refer|grefcoco|png, ...the loader's paths..., image_dir}.
-    train=True draws one sentence per object per epoch, all objects of an image in one sample (layout="image": one
-    token sequence; "sentence": one sequence per object); otherwise `protocol` ("standard" or "flmm") decides.
-    PNG is one sample (one sequence) per narrative either way."""
-    spec_files(spec)  # validates the spec
-    kind = spec["kind"]
-    skipped = []
-    if kind == "refer":
-        records = load_refer(spec["data_root"], spec["dataset"], spec["split_by"], spec["split"], skip_bad=skip_bad,
-                             skipped=skipped)
-    elif kind == "grefcoco":
-        records = load_grefcoco(spec["data_root"], spec["split"], skip_bad=skip_bad, skipped=skipped)
-    else:
-        records = load_png(spec["png_json"], spec["panoptic_json"], spec["panoptic_dir"], skip_bad=skip_bad,
-                           skipped=skipped)
-    items = records if kind == "png" else refer_items(records, "train" if train else protocol)
-    return GroundingDataset(items, tokenizer, image_dir=spec["image_dir"], image_settings=image_settings,
-                            max_length=max_length, sep=" " if kind == "png" else "\n",
-                            seed=seed, skip_bad=skip_bad, skipped=skipped, constant_phrase=constant_phrase,
-                            layout=layout if train and kind != "png" else "image", sam_size=sam_size)
-
-
-# ------------------------------------------------------------------------------------------------ loader
-
-def collate_skip(samples):
-    """qwen_inputs.collate without the unreadable samples (skip_bad); batch["skipped"] lists their files. A batch
-    whose samples all failed is {"skipped": [...]} alone: skip the step, but count the files."""
-    samples = [s for x in samples for s in (x if isinstance(x, list) else [x])]  # sentence layout: lists
-    kept = [s for s in samples if "bad" not in s]
-    batch = qwen_inputs.collate(kept) if kept else {}
-    batch["skipped"] = [s["bad"] for s in samples if "bad" in s]
-    return batch
-
-
-class SeededSampler(DistributedSampler):
-    """DistributedSampler (order = f(seed, epoch), split over ranks) that can start `skip` indices into the epoch,
-    so a resumed run continues mid-epoch without loading the batches it already trained on."""
-    skip = 0
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
-
-    def __len__(self):
-        return super().__len__() - self.skip
-
-
-def build_loader(dataset, batch_size, *, num_workers=0, shuffle=False, seed=0, drop_last=False, distributed=None,
-                 collate_fn=collate_skip):
-    """DataLoader over `dataset` with `collate_fn` (cache.py passes its own). The order is a function of (seed, epoch)
-    only, split over ranks when torch.distributed is initialized (distributed=None: auto): call `set_epoch(loader,
-    epoch)` before iterating each epoch. Evaluation (shuffle=False) gives rank r the samples r, r + world, ...: no
-    padding, so under torchrun every sample is scored exactly once."""
-    distributed = dist.is_available() and dist.is_initialized() if distributed is None else distributed
-    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-    if shuffle:  # DistributedSampler permutes with seed + epoch, which is what resuming needs (also on one process)
-        sampler = SeededSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    else:  # evaluation: rank r takes samples r, r + world, ...; no padding, so nothing is scored twice
-        sampler = range(rank, len(dataset), world)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_fn, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
-                      persistent_workers=num_workers > 0)
-
-
-def set_epoch(loader, epoch, skip=0):
-    """Set the epoch of a training loader's sampler (order) and of its dataset(s) (sentence draws); start `skip`
-    batches in."""
-    loader.sampler.set_epoch(epoch)
-    loader.sampler.skip = skip * loader.batch_size
-    for ds in loader.dataset.datasets if isinstance(loader.dataset, ConcatDataset) else [loader.dataset]:
-        ds.set_epoch(epoch)

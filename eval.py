@@ -291,19 +291,20 @@ def write_overlays(qwen, grounder, loader, n, folder, device, autocast=contextli
             break
         if dataset.items[i]["image_id"] in seen:  # the standard protocol has one item per sentence: other scenes
             continue
-        sample = dataset[i]
-        if "bad" in sample:  # unreadable (skip_bad)
+        batch = loader.collate_fn([dataset[i]])  # collate_skip, or cached.collate; a packed item: its rows
+        if "phrases" not in batch:  # unreadable (skip_bad)
             continue
-        seen.add(sample["image_id"])
-        batch = model.to_device(loader.collate_fn([sample]), device)  # collate_skip, or cache.py's collate
+        seen.add(batch["image_id"][0])
+        batch = model.to_device(batch, device)
         with autocast:
             preds = predict(qwen, grounder, batch, gt_sizes(batch))
         if not save:
             continue
-        with Image.open(os.path.join(dataset.image_dir, sample["file_name"])) as f:
+        with Image.open(os.path.join(dataset.image_dir, batch["file_name"][0])) as f:
             image = np.asarray(f.convert("RGB"))
-        for k, (p, g, phrase) in enumerate(zip(preds, sample["gt_masks"], sample["phrases"])):
-            picture = overlay(image, p.cpu().numpy(), g.numpy(), phrase)
+        truth, phrases = [g for m in batch["gt_masks"] for g in m], [p for ps in batch["phrases"] for p in ps]
+        for k, (p, g, phrase) in enumerate(zip(preds, truth, phrases, strict=True)):
+            picture = overlay(image, p.cpu().numpy(), g.cpu().numpy(), phrase)
             Image.fromarray(picture).save(os.path.join(folder, f"{i:04d}_{k}.png"))
 
 

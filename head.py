@@ -185,10 +185,24 @@ def losses(out, batch):
 
 
 def answer_tags(batch):
-    """A batch -> per sequence the (A_b,) B/I/O tags of its answer tokens: supervised phrases are the spans."""
-    mask_ids = batch.get("host", batch)["mask_ids"]
-    return [selection.token_tags(selection.answer_mask_ids(m), s) for m, s in zip(mask_ids, batch["supervised"],
-                                                                                    strict=True)]
+    """A batch -> per sentence (batch then sentence order: a packed sample holds several) the (A,) B/I/O tags of its
+    answer tokens, the answer frozen_outputs returns: supervised phrases are the spans."""
+    host = batch.get("host", batch)
+    tags = []
+    for b, (m, supervised) in enumerate(zip(host["mask_ids"], batch["supervised"], strict=True)):
+        seg = host["segment_ids"][b] if "segment_ids" in host else (torch.cumsum(m >= 0, 0) > 0).long()
+        for s in range(1, int(seg.max()) + 1):
+            own = selection.answer_mask_ids(torch.where(seg == s, m, -1))  # (A,) phrase ids of this sentence
+            first = int(own[own >= 0].min())  # renumbered from 0, its phrases' flags with them
+            tags.append(selection.token_tags(torch.where(own >= 0, own - first, -1), supervised[first:]))
+    return tags
+
+
+def sentence_count(batch):
+    """Sentences (answers) in a batch: a packed sample holds several, any other one."""
+    if "segment_ids" in batch:
+        return int(batch.get("host", batch)["segment_ids"].max(1).values.sum())
+    return len(batch.get("phrases", []))
 
 
 def phrase_losses(out, batch):

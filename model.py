@@ -21,6 +21,7 @@ import qwen_inputs
 MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 DEVICE_KEYS = MODEL_INPUTS + ("masks", "sam_pixel_values", "sam_masks")  # what a training step reads on the device
 HOST_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "mask_ids")  # CPU-side indices
+PACKED_KEYS = ("segment_ids",)  # a packed batch's (qwen_inputs.build_packed): on the device and on the host
 # the checkpoint's config.json model_type -> its class (all in transformers itself: no remote code)
 FAMILIES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
             "qwen3_vl": Qwen3VLForConditionalGeneration, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}
@@ -188,6 +189,46 @@ def _raster_features(x, grid, visual, windowed):
     return feats
 
 
+def _answers(mask_ids, seg):
+    """Each sentence's answer tokens (its first through its last phrase token, separators included), sentences in
+    batch then segment order: (N,) the sample of each, (N, A) their positions, left-aligned, and valid (N, A)."""
+    sample = torch.repeat_interleave(torch.arange(len(seg)), seg.max(1).values)  # (N,)
+    sentence = torch.cat([torch.arange(1, int(n) + 1) for n in seg.max(1).values])  # (N,) its segment number
+    own = seg[sample] == sentence[:, None]  # (N, S)
+    phrase = own & (mask_ids[sample] >= 0)
+    pos = torch.arange(seg.shape[1]).expand_as(own)
+    first = pos.masked_fill(~phrase, seg.shape[1]).min(1, keepdim=True).values
+    last = pos.masked_fill(~phrase, -1).max(1, keepdim=True).values
+    positions, valid = _first_positions(own & (pos >= first) & (pos <= last))
+    return sample, positions, valid
+
+
+def packed_mask(segment_ids, attention_mask):
+    """(B, S) segment ids and padding mask -> (B, 1, S, S) bool: causal, no padding key, and a key in the shared
+    prefix (segment 0) or in the query's own sentence: no sentence sees another one."""
+    S = segment_ids.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=segment_ids.device).tril()
+    keys = segment_ids[:, None, :]  # (B, 1, S)
+    same = (keys == 0) | (keys == segment_ids[:, :, None])  # (B, S, S)
+    return (causal & same & attention_mask.bool()[:, None, :])[:, None]
+
+
+def packed_positions(qwen, host):
+    """M-RoPE position ids (3, B, S) of a packed batch (CPU tensors input_ids, mm_token_type_ids, attention_mask,
+    image_grid_thw, segment_ids): the family's own get_rope_index of the packed rows, with every sentence shifted back
+    to start right after the prefix, as if it were the only one. Text after the image advances by one per token in
+    all three rows (Qwen3-VL's interleaved sections included), so a shift per sentence is exact."""
+    seg = host["segment_ids"]
+    B, S = seg.shape
+    position_ids, _ = qwen.model.get_rope_index(host["input_ids"], mm_token_type_ids=host["mm_token_type_ids"],
+                                                image_grid_thw=host["image_grid_thw"],
+                                                attention_mask=host["attention_mask"])
+    index = torch.arange(S).expand(B, S)
+    start = torch.full((B, int(seg.max()) + 1), S).scatter_reduce(1, seg, index, "amin")  # first index per segment
+    shift = torch.where(seg > 0, start.gather(1, seg) - start[:, 1:2], 0)  # (B, S)
+    return position_ids - shift[None].to(position_ids.dtype)
+
+
 def to_device(batch, device, keys=DEVICE_KEYS):
     """Move a collated batch to `device` once per step (non_blocking from pinned memory): the tensors (and lists of
     tensors) named in `keys`, and a cached batch's "frozen" outputs. The CPU originals of the index tensors stay
@@ -198,8 +239,8 @@ def to_device(batch, device, keys=DEVICE_KEYS):
         if isinstance(v, list):
             return [move(x) for x in v]
         return v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-    out = dict(batch, host={k: batch[k] for k in HOST_KEYS if k in batch})
-    out.update({k: move(batch[k]) for k in keys + ("frozen",) if k in batch})
+    out = dict(batch, host={k: batch[k] for k in HOST_KEYS + PACKED_KEYS if k in batch})
+    out.update({k: move(batch[k]) for k in keys + PACKED_KEYS + ("frozen",) if k in batch})
     return out
 
 
@@ -216,19 +257,22 @@ def frozen_outputs(qwen, batch, *, vision=False, hidden_layers=0, answer_layers=
         (C_vis, gh, gw) per image (C_vis = vision_channels(qwen.config)); else None.
     hidden: with hidden_layers=n > 0, the outputs of the last n decoder layers at each phrase's tokens, one
         (tokens, n, C) tensor per phrase in the model's dtype (the refiner's text prompt); else None.
-    answer: with answer_layers=n > 0, the same outputs at every token of each sample's answer (its first through its
-        last phrase token, separators included: the assistant turn as build_inputs lays it out), one (A_b, n, C)
-        tensor per sample (the phrase selector's input); else None.
+    answer: with answer_layers=n > 0, the same outputs at every token of each sentence's answer (its first through
+        its last phrase token, separators included: the assistant turn as build_inputs lays it out), one (A, n, C)
+        tensor per sentence (a sample is one sentence unless packed; the phrase selector's input); else None.
 
     `batch` is a `qwen_inputs.collate` batch (right-padded, `mask_ids` k on phrase k's tokens), its model inputs
     on the model's device (`to_device`). Needs the attention set by `use_fast_attention` (load_qwen does it).
+    Packed samples (`qwen_inputs.build_packed`: segment_ids) run with a 4-D mask (a sentence sees the shared prefix
+    and itself) and per-sentence positions (`packed_positions`): each sentence's maps, hidden and answer states are
+    what its own one-sentence sequence gives, the vision tower runs once per row; `answer` is then per sentence.
     """
     if qwen.config.text_config._attn_implementation != CAPTURE_ATTENTION:
         raise ValueError(f"frozen_outputs: the text attention is {qwen.config.text_config._attn_implementation!r}; "
                          f"call model.use_fast_attention(qwen) (load_qwen does) so that it is {CAPTURE_ATTENTION!r}")
     # All index bookkeeping happens on CPU copies (to_device keeps them in batch["host"]): on the GPU every
     # .max()/.any() below would be a host sync inside the training step. Only the small index tensors travel.
-    host = {k: batch.get("host", batch)[k].cpu() for k in HOST_KEYS}
+    host = {k: v.cpu() for k, v in batch.get("host", batch).items() if k in HOST_KEYS + PACKED_KEYS}
     vis_cfg = qwen.config.vision_config
     qwen_inputs.check_inputs(dict(host, pixel_values=batch["pixel_values"]), qwen.config.image_token_id,
                              vis_cfg.in_channels * vis_cfg.temporal_patch_size * vis_cfg.patch_size ** 2)
@@ -243,6 +287,9 @@ def frozen_outputs(qwen, batch, *, vision=False, hidden_layers=0, answer_layers=
     # causal: nothing after the batch's last phrase token changes any phrase row, so it is not fed
     S = int((mask_ids >= 0).nonzero()[:, 1].max()) + 1
     mask_ids = mask_ids[:, :S]
+    packed = "segment_ids" in host
+    # sentence of each token: 0 on the shared prefix; unpacked, a sample is one sentence from its first phrase token
+    seg = host["segment_ids"][:, :S] if packed else (torch.cumsum(mask_ids >= 0, 1) > 0).long()  # (B, S)
     rows, row_valid = _first_positions(mask_ids >= 0)  # (B, R) positions of phrase tokens
     row_phrase = mask_ids.gather(1, rows).masked_fill(~row_valid, -1)  # (B, R) phrase index of each row
     num_phrases = mask_ids.max(1).values + 1  # (B,)
@@ -253,16 +300,19 @@ def frozen_outputs(qwen, batch, *, vision=False, hidden_layers=0, answer_layers=
         raise ValueError(f"frozen_outputs: (sample, phrase) {empty.nonzero().tolist()} have no tokens in mask_ids")
     avg = onehot / tokens.clamp(min=1)[..., None]  # (B, P, R) averaging matrix: the phrase mean is one einsum
     cols, _ = _first_positions(host["mm_token_type_ids"][:, :S] == 1)  # (B, N) image token positions, raster order
-    keys_ok = (torch.arange(S) <= rows[..., None]) & host["attention_mask"][:, :S].bool()[:, None]  # (B, R, S)
-    pos = torch.arange(S).expand_as(mask_ids)  # (B, S)
-    first = pos.masked_fill(mask_ids < 0, S).min(1, keepdim=True).values  # (B, 1) first and last phrase token
-    last = pos.masked_fill(mask_ids < 0, -1).max(1, keepdim=True).values
-    answer_pos, answer_valid = _first_positions((pos >= first) & (pos <= last))  # (B, A) the answer's positions
-    gpu_rows, avg, cols, keys_ok, gpu_answer = (t.to(device, non_blocking=True)
-                                                for t in (rows, avg, cols, keys_ok, answer_pos))
+    # each phrase row sees the keys before it that are in the prefix or in its own sentence (and not padding)
+    keys_ok = ((torch.arange(S) <= rows[..., None]) & host["attention_mask"][:, :S].bool()[:, None]
+               & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg.gather(1, rows)[..., None])))  # (B, R, S)
+    answer_row, answer_pos, answer_valid = _answers(mask_ids, seg)  # (N,), (N, A): each sentence's answer tokens
+    gpu_rows, avg, cols, keys_ok, answer_row, answer_pos = (t.to(device, non_blocking=True) for t in (
+        rows, avg, cols, keys_ok, answer_row, answer_pos))
     inputs = dict(input_ids=batch["input_ids"][:, :S], attention_mask=batch["attention_mask"][:, :S],
                   mm_token_type_ids=batch["mm_token_type_ids"][:, :S], pixel_values=batch["pixel_values"],
                   image_grid_thw=batch["image_grid_thw"])
+    if packed:  # a 4-D mask (transformers passes it through as it is) and each sentence's own positions
+        inputs["attention_mask"] = packed_mask(batch["segment_ids"][:, :S], inputs["attention_mask"])
+        inputs["position_ids"] = packed_positions(qwen, {k: v[:, :S] if v.dim() == 2 and k != "image_grid_thw" else v
+                                                         for k, v in host.items()}).to(device, non_blocking=True)
 
     capture, vis, hidden, answer, handles = PhraseCapture(gpu_rows, avg, cols, keys_ok), [], [], [], []
     if vision:  # the merger's input: (num_patches, C_vis) after the last block, in window order
@@ -272,8 +322,8 @@ def frozen_outputs(qwen, batch, *, vision=False, hidden_layers=0, answer_layers=
         handles.append(layer.register_forward_hook(
             lambda module, args, out: hidden.append(out.gather(1, gpu_rows[..., None].expand(-1, -1, out.shape[-1])))))
     for layer in qwen.model.language_model.layers[len(qwen.model.language_model.layers) - answer_layers:]:
-        handles.append(layer.register_forward_hook(  # (B, A, C) at the answer tokens
-            lambda module, args, out: answer.append(out.gather(1, gpu_answer[..., None].expand(-1, -1, out.shape[-1])))))
+        handles.append(layer.register_forward_hook(  # (N, A, C) at each sentence's answer tokens
+            lambda module, args, out: answer.append(out[answer_row[:, None], answer_pos])))
     try:  # through the root (a sharded model's FSDP root), with the vocabulary projection of one position only
         qwen(**inputs, use_cache=False, logits_to_keep=1, phrase_capture=capture)
     finally:
@@ -296,8 +346,8 @@ def frozen_outputs(qwen, batch, *, vision=False, hidden_layers=0, answer_layers=
         out["hidden"] = [rows_hidden[b, (row_phrase[b] == p).nonzero().flatten().to(device)]  # (tokens, n, C)
                          for b, k in enumerate(num_phrases.tolist()) for p in range(k)]
     if answer_layers:
-        stacked = torch.stack(answer, 2)  # (B, A, n, C)
-        out["answer"] = [stacked[b, :n] for b, n in enumerate(answer_valid.sum(1).tolist())]  # (A_b, n, C)
+        stacked = torch.stack(answer, 2)  # (N, A, n, C)
+        out["answer"] = [stacked[i, :n] for i, n in enumerate(answer_valid.sum(1).tolist())]  # (A_i, n, C)
     return out
 
 

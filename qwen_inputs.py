@@ -147,27 +147,22 @@ def _template_ids(tokenizer, prompt):
     return tuple(tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in head)
 
 
-def build_inputs(tokenizer, image_grid_thw, phrases, prompt=DEFAULT_PROMPT, sep="\n", max_length=None):
-    """One sample's token sequence, laid out from pieces so every phrase span is known by construction.
-
-    <|im_start|>system\\n{SYSTEM}<|im_end|>\\n<|im_start|>user\\n<|vision_start|><|image_pad|>*n<|vision_end|>
-    {prompt}<|im_end|>\\n<|im_start|>assistant\\n{phrase_0}{sep}{phrase_1}...   (nothing after the last phrase)
-
-    Returns 1-D int64 tensors: input_ids, mm_token_type_ids (1 exactly on <|image_pad|>), mask_ids (k on the
-    tokens of phrases[k], -1 elsewhere). A separator's leading whitespace that BPE fuses into the first word
-    (sep=" " in a narrative) is kept out of the text but its token counts as the phrase's.
-    """
+def _prefix_ids(tokenizer, image_grid_thw, prompt):
+    """The chat prefix up to the assistant turn's opening: (ids, first image token, number of image tokens)."""
     grid = torch.as_tensor(image_grid_thw).reshape(-1)
     if grid.numel() != 3 or int(grid[1]) % MERGE or int(grid[2]) % MERGE:
         raise ValueError(f"build_inputs: image_grid_thw must be one [t, gh, gw] row with even gh, gw, got {grid.tolist()}")
     n_image = int(grid.prod()) // (MERGE * MERGE)
+    before, after = _template_ids(tokenizer, prompt)
+    return list(before) + [tokenizer.convert_tokens_to_ids("<|image_pad|>")] * n_image + list(after), len(before), n_image
+
+
+def _answer_ids(tokenizer, phrases, sep, first=0):
+    """An assistant answer made of `phrases` joined by `sep` -> (ids, mask_ids): mask_ids first + k on the tokens of
+    phrases[k], -1 on the separators."""
     if not phrases:
         raise ValueError("build_inputs: no phrases given")
-    before, after = _template_ids(tokenizer, prompt)
-    ids = list(before) + [tokenizer.convert_tokens_to_ids("<|image_pad|>")] * n_image
-    image_end = len(ids)
-    ids += after
-    mask_ids = [-1] * len(ids)
+    ids, mask_ids = [], []
     for k, phrase in enumerate(phrases):
         if not phrase.strip():
             raise ValueError(f"build_inputs: phrase {k} is empty ({phrase!r})")
@@ -178,19 +173,90 @@ def build_inputs(tokenizer, image_grid_thw, phrases, prompt=DEFAULT_PROMPT, sep=
         if not any(own):
             raise ValueError(f"build_inputs: phrase {k} ({phrase!r}) tokenizes to nothing")
         ids += enc["input_ids"]
-        mask_ids += [k if o else -1 for o in own]
-    if max_length is not None and len(ids) > max_length:
-        raise ValueError(f"build_inputs: {len(ids)} tokens ({n_image} image tokens, {len(phrases)} phrases) "
-                         f"exceed max_length={max_length}; lower max_pixels or use fewer phrases per sample")
+        mask_ids += [first + k if o else -1 for o in own]
+    return ids, mask_ids
+
+
+def _sample(ids, mask_ids, image_start, n_image, segment_ids=None):
     input_ids = torch.tensor(ids, dtype=torch.int64)
     mm_token_type_ids = torch.zeros_like(input_ids)
-    mm_token_type_ids[image_end - n_image:image_end] = 1
-    return dict(input_ids=input_ids, mm_token_type_ids=mm_token_type_ids, mask_ids=torch.tensor(mask_ids))
+    mm_token_type_ids[image_start:image_start + n_image] = 1
+    out = dict(input_ids=input_ids, mm_token_type_ids=mm_token_type_ids, mask_ids=torch.tensor(mask_ids))
+    if segment_ids is not None:
+        out["segment_ids"] = torch.tensor(segment_ids, dtype=torch.int64)
+    return out
+
+
+def build_inputs(tokenizer, image_grid_thw, phrases, prompt=DEFAULT_PROMPT, sep="\n", max_length=None):
+    """One sample's token sequence, laid out from pieces so every phrase span is known by construction.
+
+    <|im_start|>system\\n{SYSTEM}<|im_end|>\\n<|im_start|>user\\n<|vision_start|><|image_pad|>*n<|vision_end|>
+    {prompt}<|im_end|>\\n<|im_start|>assistant\\n{phrase_0}{sep}{phrase_1}...   (nothing after the last phrase)
+
+    Returns 1-D int64 tensors: input_ids, mm_token_type_ids (1 exactly on <|image_pad|>), mask_ids (k on the
+    tokens of phrases[k], -1 elsewhere). A separator's leading whitespace that BPE fuses into the first word
+    (sep=" " in a narrative) is kept out of the text but its token counts as the phrase's.
+    """
+    ids, image_start, n_image = _prefix_ids(tokenizer, image_grid_thw, prompt)
+    answer, answer_mask = _answer_ids(tokenizer, phrases, sep)
+    if max_length is not None and len(ids) + len(answer) > max_length:
+        raise ValueError(f"build_inputs: {len(ids) + len(answer)} tokens ({n_image} image tokens, {len(phrases)} "
+                         f"phrases) exceed max_length={max_length}; lower max_pixels or use fewer phrases per sample")
+    return _sample(ids + answer, [-1] * len(ids) + answer_mask, image_start, n_image)
+
+
+def build_packed(tokenizer, image_grid_thw, sentences, prompt=DEFAULT_PROMPT, sep="\n"):
+    """Several independent answers about one image behind ONE shared prefix: the chat prefix of build_inputs (image
+    tokens, prompt, the assistant turn's opening), then sentence 0's answer tokens, sentence 1's, ... `sentences` is
+    a list of phrase lists, each one assistant answer as build_inputs lays it out (usually one phrase).
+
+    Returns 1-D int64 tensors input_ids, mm_token_type_ids, mask_ids (phrases numbered over all sentences, in order),
+    segment_ids (0 on the shared prefix, s + 1 on sentence s's tokens). model.frozen_outputs gives every sentence of
+    a packed sample what it gives in its own build_inputs sequence: it sees the prefix and itself only, at the
+    positions it would have alone. `split_packed` cuts a long one into several, each with its own prefix."""
+    ids, image_start, n_image = _prefix_ids(tokenizer, image_grid_thw, prompt)
+    if not sentences:
+        raise ValueError("build_packed: no sentences given")
+    mask_ids, segment_ids, first = [-1] * len(ids), [0] * len(ids), 0
+    for s, phrases in enumerate(sentences):
+        answer, answer_mask = _answer_ids(tokenizer, phrases, sep, first)
+        ids += answer
+        mask_ids += answer_mask
+        segment_ids += [s + 1] * len(answer)
+        first += len(phrases)
+    return _sample(ids, mask_ids, image_start, n_image, segment_ids)
+
+
+def split_packed(sample, max_tokens):
+    """A packed sample -> a list of (packed sample, the indices of its sentences), each at most `max_tokens` long
+    where possible: the sentences go, in order, into as many samples as needed, each with its own copy of the prefix
+    (a sentence too long for the cap alone gets a sample of its own). max_tokens <= 0: the sample as it is."""
+    seg = sample["segment_ids"]
+    prefix = int((seg == 0).sum())  # the prefix is the leading run of segment 0
+    lengths = torch.bincount(seg, minlength=int(seg.max()) + 1)[1:].tolist()
+    rows = [[]]
+    for s, n in enumerate(lengths):
+        if rows[-1] and max_tokens > 0 and prefix + sum(lengths[t] for t in rows[-1]) + n > max_tokens:
+            rows.append([])
+        rows[-1].append(s)
+    if len(rows) == 1:
+        return [(sample, rows[0])]
+    out = []
+    for row in rows:
+        keep = torch.cat([torch.arange(prefix), *[(seg == s + 1).nonzero().flatten() for s in row]])
+        part = {k: v[keep] for k, v in sample.items()}
+        phrases = part["mask_ids"] >= 0
+        part["mask_ids"][phrases] -= int(part["mask_ids"][phrases].min())  # number the row's phrases from 0
+        part["segment_ids"][prefix:] -= row[0]
+        out.append((part, row))
+    return out
 
 
 def collate(samples):
     """List of samples -> batch. Right padding (pad id 0, masked out by attention_mask), mask_ids -1 on pad;
-    pixel_values concatenated in batch order; image_grid_thw (B, 3); every other key becomes a list."""
+    pixel_values concatenated in batch order; image_grid_thw (B, 3); every other key becomes a list. When any sample
+    is packed (build_packed), segment_ids (B, S) too: 0 on padding, and a build_inputs sample is one sentence (1 from
+    its first phrase token on)."""
     B, S = len(samples), max(len(s["input_ids"]) for s in samples)
     batch = dict(input_ids=torch.zeros(B, S, dtype=torch.int64), attention_mask=torch.zeros(B, S, dtype=torch.int64),
                  mm_token_type_ids=torch.zeros(B, S, dtype=torch.int64), mask_ids=torch.full((B, S), -1))
@@ -200,6 +266,11 @@ def collate(samples):
         batch["attention_mask"][i, :n] = 1
         batch["mm_token_type_ids"][i, :n] = s["mm_token_type_ids"]
         batch["mask_ids"][i, :n] = s["mask_ids"]
+    if any("segment_ids" in s for s in samples):
+        batch["segment_ids"] = torch.zeros(B, S, dtype=torch.int64)
+        for i, s in enumerate(samples):
+            n = len(s["input_ids"])
+            batch["segment_ids"][i, :n] = s["segment_ids"] if "segment_ids" in s else torch.cumsum(s["mask_ids"] >= 0, 0) > 0
     batch["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])
     batch["image_grid_thw"] = torch.cat([torch.as_tensor(s["image_grid_thw"]).reshape(1, 3) for s in samples])
     for key in samples[0]:

@@ -24,9 +24,10 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import batching
 import build
 import cache
-import data
+import cached
 import eval as evaluation
 import head as heads
 import model
@@ -52,7 +53,7 @@ def micro_batches(loader, start):
     """Endless micro-batches from micro-batch `start` on: epoch e's order depends only on (seed, e)."""
     epoch, offset = divmod(start, len(loader))
     while True:
-        data.set_epoch(loader, epoch, skip=offset)
+        batching.set_epoch(loader, epoch, start_batch=offset)
         yield from loader
         epoch, offset = epoch + 1, 0
 
@@ -117,7 +118,7 @@ def step_counts(micro, device):
     """(supervised phrases, sequences) in this optimiser step over every micro-batch and rank: each loss term divides
     by its own count, so that grad_accum x batch_size on N processes gives the gradient of one batch of all of them."""
     phrases = sum(sum(map(bool, s)) for b in micro for s in b.get("supervised", []))
-    n = torch.tensor([float(phrases), float(sum(len(b.get("phrases", [])) for b in micro))], device=device)
+    n = torch.tensor([float(phrases), float(sum(heads.sentence_count(b) for b in micro))], device=device)
     if dist.is_initialized():
         dist.all_reduce(n)
     return dict(phrase=n[0].clamp(min=1), sequence=n[1].clamp(min=1))
@@ -176,7 +177,7 @@ def train(cfg, device, rank=0, world=1, show_config=True):
     kwargs = build.grounder_kwargs(cfg, config)
     grounder = build.build_grounder(kwargs, device)
     if cfg.cache_dir:
-        loader, val_loaders = cache.build_train_loader(cfg), cache.build_val_loaders(cfg, cfg.val_data)
+        loader, val_loaders = cached.build_train_loader(cfg), cached.build_val_loaders(cfg, cfg.val_data)
     else:
         loader = build.build_train_loader(cfg, tokenizer, build.sam_size(grounder))
         val_loaders = build.build_val_loaders(cfg, tokenizer, cfg.val_data, build.sam_size(grounder))

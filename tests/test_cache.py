@@ -15,9 +15,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import batching
 import build
 import cache
-import data
+import cached
 import model
 import synthetic
 import train
@@ -65,39 +66,52 @@ def assert_same_files(a, b):
 
 # ------------------------------------------------------------------------------------------------ read back
 
+def per_phrase(batch, key):
+    """A batch's per-sample value of `key` (a list per sample, or one value) -> one entry per phrase."""
+    return [x for xs, ids in zip(batch[key], batch["ids"], strict=True)
+            for x in (xs if isinstance(xs, list) or torch.is_tensor(xs) else [xs] * len(ids))]
+
+
 def test_cached_batches_equal_online_batches(tiny_qwen, extracted):
-    """Train (two epochs, and a resumed epoch) and val batches: the same samples, masks and flags as the online
-    loaders, and maps / vision features equal to what phrase_attention / frozen_outputs compute, within float16."""
+    """Train (two epochs, and a resumed epoch) and val batches: the same phrases in the same order, masks and flags
+    as the online loaders (training packs an image's sentences in one row, the cache reads one sequence per
+    sentence), and maps / vision features equal to what frozen_outputs computes online, within float16."""
     _, qwen, tokenizer = tiny_qwen
     cfg = extracted
-    pairs = [(build.build_train_loader(cfg, tokenizer), cache.build_train_loader(cfg), epoch, skip)
+    assert cfg.pack_tokens > 0
+    pairs = [(build.build_train_loader(cfg, tokenizer), cached.build_train_loader(cfg), epoch, skip)
              for epoch, skip in ((0, 0), (1, 0), (1, 1))]
-    pairs += [(online, cached, None, 0) for (online, _), (cached, _) in
-              zip(build.build_val_loaders(cfg, tokenizer, cfg.val_data).values(),
-                  cache.build_val_loaders(cfg, cfg.val_data).values())]
-    drawn = {}
-    for online, cached, epoch, skip in pairs:
+    unpacked = dataclasses.replace(cfg, pack_tokens=0)  # the standard protocol's order: one sequence per sentence
+    pairs += [(online, from_cache, None, 0) for (online, _), (from_cache, _) in
+              zip(build.build_val_loaders(unpacked, tokenizer, cfg.val_data).values(),
+                  cached.build_val_loaders(cfg, cfg.val_data).values())]
+    drawn, packed = {}, False
+    for online, from_cache, epoch, skip in pairs:
         if epoch is not None:
-            data.set_epoch(online, epoch, skip)
-            data.set_epoch(cached, epoch, skip)
+            batching.set_epoch(online, epoch, skip)
+            batching.set_epoch(from_cache, epoch, skip)
         n = 0
-        for a, b in zip(online, cached, strict=True):
-            for key in ("ids", "phrases", "image_id", "file_name", "supervised", "no_target", "isthing", "plural"):
-                assert a[key] == b[key], key
-            for key in ("masks", "gt_masks"):
-                assert all(torch.equal(x, y) for x, y in zip(a[key], b[key], strict=True)), key
-            maps = model.phrase_attention(qwen, a)
+        for a, b in zip(online, from_cache, strict=True):
+            packed |= "segment_ids" in a
+            for key in ("ids", "phrases", "image_id", "file_name", "supervised", "no_target", "isthing", "plural",
+                        "masks", "gt_masks"):
+                x, y = per_phrase(a, key), per_phrase(b, key)
+                assert len(x) == len(y) and all(torch.equal(u, v) if torch.is_tensor(u) else u == v
+                                                for u, v in zip(x, y)), key
+            out = model.frozen_outputs(qwen, a, vision=True)
             frozen = b["frozen"]
-            assert frozen["phrase_image"] == list(range(len(a["ids"]))) and frozen["hidden"] is None
-            for x, y in zip(maps, frozen["maps"], strict=True):  # float16 deviations from each channel's mean
+            assert frozen["phrase_image"] == list(range(len(b["ids"]))) and frozen["hidden"] is None
+            for x, y in zip(out["maps"], frozen["maps"], strict=True):  # float16 deviations from each channel's mean
                 deviation = (x - x.mean((-2, -1), keepdim=True)).abs()
                 assert y.dtype == torch.float32 and y.shape == x.shape
                 assert ((y - x).abs() <= FP16["rtol"] * deviation + FP16["atol"]).all(), (y - x).abs().max()
-            for x, y in zip(model.frozen_outputs(qwen, a, vision=True)["vision"], frozen["vision"], strict=True):
+            for i, j in zip(out["phrase_image"], frozen["phrase_image"], strict=True):  # each phrase's image's
+                x, y = out["vision"][i], frozen["vision"][j]
                 assert y.dtype == torch.float16 and torch.allclose(y.float(), x, **FP16), (y.float() - x).abs().max()
-            drawn.setdefault((epoch, skip), []).extend(i for ids in a["ids"] for i in ids)
+            drawn.setdefault((epoch, skip), []).extend(per_phrase(a, "ids"))
             n += 1
         assert n == len(online) > 0
+    assert packed  # the online training batches were packed
     assert drawn[0, 0] != drawn[1, 0]  # another epoch, other sentences and order: the draw follows the epoch
     assert drawn[1, 1] == drawn[1, 0][-len(drawn[1, 1]):]  # resuming a batch into the epoch continues it
 
@@ -119,11 +133,11 @@ def test_training_from_cache_equals_online_training(tiny_qwen, extracted, tmp_pa
     monkeypatch.setattr(build, "build_qwen", lambda *a: pytest.fail("the VLM loaded while training from the cache"))
     _, head_exact = train.train(exact, torch.device("cpu"))
     monkeypatch.setattr(cache, "STORAGE", torch.float16)
-    cached = dataclasses.replace(extracted, out_dir=str(tmp_path / "cached"))
-    metrics_cached, _ = train.train(cached, torch.device("cpu"))
+    from_cache_cfg = dataclasses.replace(extracted, out_dir=str(tmp_path / "cached"))
+    metrics_cached, _ = train.train(from_cache_cfg, torch.device("cpu"))
 
     a, b = head_online.state_dict(), head_exact.state_dict()
-    torch.manual_seed(cached.seed)
+    torch.manual_seed(from_cache_cfg.seed)
     init = build.build_grounder(torch.load(tmp_path / "cached" / "ckpt.pt", weights_only=True)["grounder_kwargs"])
     assert max((a[k] - init.state_dict()[k]).abs().max() for k in a) > 1e-2  # it trained
     for k in a:
@@ -144,9 +158,10 @@ def test_the_refiners_inputs_are_cached_too(tiny_qwen, synthetic_root, tmp_path)
                        synthetic=dict(root=synthetic_root), max_steps=2, vis_samples=0)
     cache.extract_all(cfg, shard_size=SHARD)
     grounder = build.build_grounder(build.grounder_kwargs(cfg, qwen.config))
-    online = next(iter(build.build_train_loader(cfg, tokenizer, build.sam_size(grounder))))
-    cached = next(iter(cache.build_train_loader(cfg)))
-    expect, frozen = build.extract(qwen, grounder, online), cached["frozen"]
+    unpacked = dataclasses.replace(cfg, pack_tokens=0)  # extracted packed, compared with one sequence per sentence
+    online = next(iter(build.build_train_loader(unpacked, tokenizer, build.sam_size(grounder))))
+    read = next(iter(cached.build_train_loader(cfg)))
+    expect, frozen = build.extract(qwen, grounder, online), read["frozen"]
     assert sorted(frozen) == sorted(expect) and {"hidden", "sam_embeddings", "sam_sizes", "vision"} <= set(frozen)
     assert all(frozen[key] is None for key in expect if expect[key] is None)  # e.g. the selector's answer states
     assert frozen["phrase_image"] == expect["phrase_image"] and frozen["sam_sizes"] == expect["sam_sizes"]
@@ -154,7 +169,7 @@ def test_the_refiners_inputs_are_cached_too(tiny_qwen, synthetic_root, tmp_path)
     for key in ("maps", "vision", "hidden", "sam_embeddings"):
         for x, y in zip(expect[key], frozen[key], strict=True):
             assert torch.allclose(y.float(), x, rtol=2 ** -11, atol=1e-5), key  # + float32 noise of other batches
-    assert all(torch.equal(x, y) for x, y in zip(online["sam_masks"], cached["sam_masks"], strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(online["sam_masks"], read["sam_masks"], strict=True))
     metrics, _ = train.train(cfg, torch.device("cpu"))
     assert metrics["synthetic_val"]["n"] == 36
 
@@ -166,16 +181,19 @@ def test_an_output_of_each_sequence_is_kept_per_sequence(tiny_qwen, synthetic_ro
 
     def with_answer(qwen, grounder, batch):
         frozen = extract(qwen, grounder, batch)
-        host = batch["host"]
-        return dict(frozen, answer=[ids[m >= 0].float()[:, None, None] for ids, m in zip(host["input_ids"],
-                                                                                         host["mask_ids"])])
+        host, answer = batch["host"], []
+        for b, (ids, m) in enumerate(zip(host["input_ids"], host["mask_ids"])):  # per sentence: packed rows hold several
+            seg = host["segment_ids"][b] if "segment_ids" in host else (m >= 0).long()
+            answer += [ids[(m >= 0) & (seg == s)].float()[:, None, None] for s in range(1, int(seg.max()) + 1)]
+        return dict(frozen, answer=answer)
     monkeypatch.setattr(build, "extract", with_answer)
     cfg = cache_config(tiny_qwen[0], synthetic_root, tmp_path, train_data=[])
     cache.extract_all(cfg, shard_size=SHARD)
-    (online, _), = build.build_val_loaders(cfg, tiny_qwen[2], cfg.val_data).values()
-    (cached, _), = cache.build_val_loaders(cfg, cfg.val_data).values()
+    unpacked = dataclasses.replace(cfg, pack_tokens=0)
+    (online, _), = build.build_val_loaders(unpacked, tiny_qwen[2], cfg.val_data).values()
+    (from_cache, _), = cached.build_val_loaders(cfg, cfg.val_data).values()
     answers = {}
-    for a, b in zip(online, cached, strict=True):
+    for a, b in zip(online, from_cache, strict=True):
         for ids, m, answer, image_id in zip(a["input_ids"], a["mask_ids"], b["frozen"]["answer"], b["image_id"],
                                             strict=True):
             assert torch.equal(answer.flatten(), ids[m >= 0].half())
@@ -198,20 +216,20 @@ def test_a_cache_that_does_not_match_the_config_is_refused(extracted, tmp_path):
                           (dict(layout="image"), "set layout=sentence"),
                           (dict(protocol="flmm"), "must run online")):
         with pytest.raises(SystemExit, match=re.escape(named)):
-            cache.build_train_loader(dataclasses.replace(cfg, **change))
+            cached.build_train_loader(dataclasses.replace(cfg, **change))
     with pytest.raises(SystemExit, match="max_pixels: the cache has 0"):  # nor extracted into it
         cache.extract_all(dataclasses.replace(cfg, max_pixels=200704), shard_size=SHARD)
     spec = dict(cfg.val_data[0], split="testA")
     with pytest.raises(SystemExit, match="split synthetic_testA is not in the cache"):
-        cache.build_val_loaders(cfg, [spec])
+        cached.build_val_loaders(cfg, [spec])
     spec = dict(cfg.val_data[0], image_dir=cfg.val_data[0]["data_root"])  # the same name, other data
     with pytest.raises(SystemExit, match="split synthetic_val was extracted from"):
-        cache.build_val_loaders(cfg, [spec])
+        cached.build_val_loaders(cfg, [spec])
     copy = shutil.copytree(cfg.cache_dir, tmp_path / "copy")
     moved = dataclasses.replace(cfg, cache_dir=str(copy))
     shutil.rmtree(copy / "synthetic_train" / "00003")
     with pytest.raises(SystemExit, match=r"shards \[3\] of 12 are missing"):
-        cache.build_train_loader(moved)
+        cached.build_train_loader(moved)
     with open(copy / "meta.json") as f:
         text = f.read()
     with open(copy / "meta.json", "w") as f:
@@ -296,30 +314,3 @@ def test_two_processes_write_the_same_cache_as_one(extracted, tmp_path):
     before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(cfg.cache_dir, "*", "*"))}
     run_ranks(cfg, tmp_path)  # complete: both ranks idle, nothing rewritten
     assert before == {p: os.path.getmtime(p) for p in glob.glob(os.path.join(cfg.cache_dir, "*", "*"))}
-
-
-def test_identical_sequences_run_once_and_give_every_sequence_its_outputs(tiny_qwen, synthetic_root, tmp_path,
-                                                                         monkeypatch):
-    """A constant-phrase ablation makes every sentence of an image the same sequence: extraction runs each distinct
-    one once and copies its outputs, which must equal extracting them all (and be read back per sentence)."""
-    model_dir, qwen, tokenizer = tiny_qwen
-    cfg = cache_config(model_dir, synthetic_root, tmp_path, constant_phrase="the object",
-                       refiner=dict(sam="tiny"), synthetic=dict(root=str(tmp_path / "sam")))
-    grounder = build.build_grounder(build.grounder_kwargs(cfg, qwen.config))
-    ds = build.build_dataset(dataclasses.replace(cfg, protocol="standard"), tokenizer, cfg.train_data[0], train=False,
-                             sam_side=build.sam_size(grounder))
-    images = [item["image_id"] for item in ds.items]
-    second = images.index(images[-1])  # the last image's first sentence
-    batch = data.collate_skip([ds[i] for i in (0, 1, second, 2, second + 1)])  # two images, each repeated
-    calls = []
-    extract = build.extract
-    monkeypatch.setattr(build, "extract", lambda q, g, b: calls.append(len(b["phrases"])) or extract(q, g, b))
-    deduped = cache._extract_unique(qwen, grounder, batch, torch.device("cpu"))
-    assert calls[0] == 2  # one sequence per image ran
-    full = extract(qwen, grounder, model.to_device(batch, torch.device("cpu")))
-    assert deduped["phrase_image"] == full["phrase_image"]
-    for key in ("maps", "hidden", "vision"):
-        for a, b in zip(deduped[key] or [], full[key] or [], strict=True):
-            assert torch.allclose(a, b, atol=1e-5), key
-    assert torch.allclose(deduped["sam_embeddings"], full["sam_embeddings"], atol=1e-5)
-    assert deduped["sam_sizes"] == full["sam_sizes"]

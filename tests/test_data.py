@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import batching
 import data
 import qwen_inputs
 import synthetic
@@ -169,7 +170,7 @@ def test_grefcoco_multi_and_no_target(refer_root, tokenizer):
     assert recs[0]["ann_ids"] == [11, 12] and recs[1]["ann_ids"] == [] and recs[1]["segmentations"] == []
     union = reference_mask(ANNOTATIONS[0]["segmentation"], 56, 84) | reference_mask(ANNOTATIONS[1]["segmentation"], 56, 84)
     assert np.array_equal(data.union_mask(recs[0]["segmentations"], 56, 84), union)
-    ds = data.build_dataset(dict(kind="grefcoco", data_root=refer_root, split="val",
+    ds = batching.build_dataset(dict(kind="grefcoco", data_root=refer_root, split="val",
                                  image_dir=os.path.join(refer_root, "images")), tokenizer, train=False, protocol="flmm")
     s = ds[0]  # image 1: both refs in one sample
     assert s["phrases"] == ["both blocks", "the elephant"] and s["no_target"] == [False, True]
@@ -213,7 +214,7 @@ def test_png_narratives(tmp_path, tokenizer):
     assert len(items) == 1  # the narrative with nothing grounded is not a sample
     entries = items[0]["entries"]
     assert entries[1]["segment_ids"] == [513, 7] and items[0]["panoptic_file"].endswith("000000000009.png")
-    ds = data.build_dataset(png_spec, tokenizer, train=False)
+    ds = batching.build_dataset(png_spec, tokenizer, train=False)
     s = ds[0]
     assert s["phrases"] == ["In this image we can see", "two people", "a dog", "and", "grass."]
     assert s["supervised"] == [False, True, False, False, True] and s["ids"] == ["0/0", "0/1", "0/2", "0/3", "0/4"]
@@ -239,10 +240,10 @@ def check_sample(s, expect_phrases):
 
 
 def test_protocols_and_masks(refer_root, tokenizer):
-    std = data.build_dataset(spec(refer_root, "train"), tokenizer, train=False, protocol="standard")
+    std = batching.build_dataset(spec(refer_root, "train"), tokenizer, train=False, protocol="standard")
     assert len(std) == 3 and [s["phrases"] for s in std] == [["left box"], ["the two blocks"], ["hook shape"]]
     assert [std[i]["ids"] for i in range(3)] == [["100/0"], ["100/1"], ["101/2"]]
-    flmm = data.build_dataset(spec(refer_root, "train"), tokenizer, train=False, protocol="flmm")
+    flmm = batching.build_dataset(spec(refer_root, "train"), tokenizer, train=False, protocol="flmm")
     assert len(flmm) == 1
     s = flmm[0]
     check_sample(s, ["left box", "hook shape"])
@@ -251,18 +252,18 @@ def test_protocols_and_masks(refer_root, tokenizer):
         gt = reference_mask(ann["segmentation"], 56, 84)
         assert torch.equal(s["gt_masks"][k], torch.from_numpy(gt))
         assert torch.equal(s["masks"][k], torch.from_numpy(gt))  # 56x84 is kept as is by smart_resize
-    resized = data.build_dataset(spec(refer_root, "testB"), tokenizer, train=False)[0]  # 50x70 -> 56x56
+    resized = batching.build_dataset(spec(refer_root, "testB"), tokenizer, train=False)[0]  # 50x70 -> 56x56
     check_sample(resized, ["disk"])
     assert resized["gt_masks"].shape == (1, 50, 70) and resized["masks"].shape == (1, 56, 56)
     assert abs(resized["masks"].sum().item() * (50 * 70) / (56 * 56) - DISK.sum()) < 0.05 * DISK.sum()
-    crowd = data.build_dataset(spec(refer_root, "testA"), tokenizer, train=False)[0]
+    crowd = batching.build_dataset(spec(refer_root, "testA"), tokenizer, train=False)[0]
     assert torch.equal(crowd["gt_masks"][0], torch.from_numpy(CROWD))
     with pytest.raises(ValueError, match="exactly the keys"):
-        data.build_dataset(dict(spec(refer_root, "train"), splitby="unc"), tokenizer, train=False)
+        batching.build_dataset(dict(spec(refer_root, "train"), splitby="unc"), tokenizer, train=False)
 
 
 def test_training_sample_is_a_function_of_seed_epoch_index(refer_root, tokenizer):
-    ds = data.build_dataset(spec(refer_root, "train"), tokenizer, train=True, seed=3)
+    ds = batching.build_dataset(spec(refer_root, "train"), tokenizer, train=True, seed=3)
     assert len(ds) == 1  # one sample per image, every object once
     draws = []
     for epoch in range(12):
@@ -272,7 +273,7 @@ def test_training_sample_is_a_function_of_seed_epoch_index(refer_root, tokenizer
         assert s["phrases"][0] in ("left box", "the two blocks") and s["phrases"][1] == "hook shape"
         draws.append(s["phrases"][0])
     assert len(set(draws)) == 2  # the sentence changes with the epoch
-    again = data.build_dataset(spec(refer_root, "train"), tokenizer, train=True, seed=3)
+    again = batching.build_dataset(spec(refer_root, "train"), tokenizer, train=True, seed=3)
     again.set_epoch(5)
     assert again[0]["phrases"][0] == draws[5]  # a resumed run draws the same
 
@@ -281,12 +282,12 @@ def test_loader_with_workers(tmp_path, tokenizer):
     root = synthetic.make_synthetic(str(tmp_path / "syn"), num_train=12, num_val=2, num_test=1)
     train_spec = dict(kind="refer", data_root=root, dataset="synthetic", split_by="unc", split="train",
                       image_dir=os.path.join(root, "images"))
-    single = data.build_dataset(train_spec, tokenizer, train=True, seed=1)
+    single = batching.build_dataset(train_spec, tokenizer, train=True, seed=1)
     ds = torch.utils.data.ConcatDataset([single, single])  # a training mix
-    loader = data.build_loader(ds, 4, num_workers=2, shuffle=True, seed=1)
+    loader = batching.build_loader(ds, 4, num_workers=2, shuffle=True, seed=1)
     seen = {}
     for epoch in (0, 1, 0):  # the workers persist: the epoch must still reach them
-        data.set_epoch(loader, epoch)
+        batching.set_epoch(loader, epoch)
         batches = list(loader)
         assert sum(len(b["ids"]) for b in batches) == len(ds) and all(b["skipped"] == [] for b in batches)
         b = batches[0]
@@ -328,9 +329,9 @@ def test_bad_input_strict_names_the_file_and_ref(tmp_path, tokenizer):
         data.load_refer(root, "refcoco", "unc", "train")
     records = [r for r in data.load_refer(root, "refcoco", "unc", "train", skip_bad=True) if r["ref_id"] != 105]
     with pytest.raises(data.DataError, match=r"missing.jpg: no such file \(image_id 3, ids \['105/7'\]\)"):
-        data.GroundingDataset(data.refer_items(data.load_refer(root, "refcoco", "unc", "train", skip_bad=True),
+        batching.GroundingDataset(data.refer_items(data.load_refer(root, "refcoco", "unc", "train", skip_bad=True),
                                                "standard"), tokenizer, image_dir=os.path.join(root, "images"))
-    ds = data.GroundingDataset(data.refer_items(records, "standard"), tokenizer, image_dir=os.path.join(root, "images"))
+    ds = batching.GroundingDataset(data.refer_items(records, "standard"), tokenizer, image_dir=os.path.join(root, "images"))
     by_file = {item["file_name"]: i for i, item in enumerate(ds.items)}
     with pytest.raises(data.DataError, match=r"COCO_train2014_000000000002.jpg \(image_id 2, ids \['103/4'\]\)"):
         ds[by_file[IMAGES[1]["file_name"]]]
@@ -340,10 +341,10 @@ def test_bad_input_strict_names_the_file_and_ref(tmp_path, tokenizer):
 
 def test_bad_input_skipped_and_counted(tmp_path, tokenizer):
     root = write_bad(str(tmp_path))
-    ds = data.build_dataset(spec(root, "train"), tokenizer, train=False, skip_bad=True)
+    ds = batching.build_dataset(spec(root, "train"), tokenizer, train=False, skip_bad=True)
     assert len(ds.skipped) == 3  # unknown ann_id, empty sentence, missing image
     assert any("ref_id 106" in m for m in ds.skipped) and any("missing.jpg" in m for m in ds.skipped)
-    loader = data.build_loader(ds, 2, num_workers=2)
+    loader = batching.build_loader(ds, 2, num_workers=2)
     batches = list(loader)
     assert sum(len(b["skipped"]) for b in batches) == 2  # the corrupt image and the extreme one, found in workers
     assert sorted(p for b in batches for ps in b.get("phrases", []) for p in ps) == ["left box", "the two blocks"]

@@ -1,5 +1,6 @@
 """train.py and eval.py end to end on the CPU: config errors, training steps, exact resume, DDP over gloo, eval
 metrics against mask_metrics by hand, --image/--text, atomic checkpoints, a non-finite loss, and bench.py."""
+import dataclasses
 import json
 import os
 import re
@@ -243,9 +244,10 @@ def test_eval_equals_mask_metrics_by_hand(trained, tmp_path, monkeypatch):
     run_eval(monkeypatch, "--ckpt", trained, "--out", str(out), "--batch_size", "3", "--vis", "1")
     result = json.load(open(out))["results"]["synthetic_val"]
     qwen, grounder, tokenizer, cfg = evaluation.load_run(trained, torch.device("cpu"))
-    dataset = build.build_dataset(cfg, tokenizer, cfg.val_data[0], train=False)
+    assert cfg.pack_tokens > 0  # eval.py packed each image's sentences in one row
+    dataset = build.build_dataset(dataclasses.replace(cfg, pack_tokens=0), tokenizer, cfg.val_data[0], train=False)
     preds, gts = [], []
-    for i in range(len(dataset)):  # one sample at a time, against the batched run above
+    for i in range(len(dataset)):  # one sentence at a time, its own sequence, against the packed batched run above
         sample = dataset[i]
         with torch.no_grad():
             (logits,) = grounder(model.frozen_outputs(qwen, qwen_inputs.collate([sample])))["coarse"]
@@ -314,13 +316,19 @@ def test_bench_runs(tmp_path, monkeypatch):
     import bench
     out = tmp_path / "bench.json"
     monkeypatch.setattr(sys, "argv", ["bench.py", "--quick", "--image_size", "112x84", "--workers", "0",
-                                      "--out", str(out)])
+                                      "--sections", "all", "--out", str(out)])
     bench.main()
     res = json.load(open(out))
-    for key in ("patchify_speedup_vs_hf", "capture_time_vs_floor", "capture_speedup_vs_flmm",
-                "train_step_time_vs_floor", "train_samples_per_s", "loader_samples_per_s"):
-        assert 0 < res[key] < float("inf"), key
-    assert set(res["forward_batch1"]) >= {"floor", "ours", "ours_no_capture", "flmm", "seq_len", "image_tokens"}
+    for section, key in (("patchify", "speedup_vs_hf"), ("forward", "capture_time_vs_floor"),
+                         ("forward", "capture_speedup_vs_flmm"), ("train", "step_time_vs_floor"),
+                         ("train", "samples_per_s"), ("loader", "samples_per_s"), ("refiner", "refiner_step_vs_unet"),
+                         ("cache", "cached_vs_online")):
+        assert 0 < res[section][key] < float("inf"), (section, key)
+    assert set(res["forward"]) >= {"floor", "ours", "ours_no_capture", "flmm", "seq_len", "image_tokens"}
+    for label in ("demo", "7/image"):  # packed vs one sequence per sentence, the same sentences
+        packed, alone = res["packing"][label]["packed"], res["packing"][label]["one_per_sentence"]
+        assert packed["sentences"] == alone["sentences"] > 0
+        assert all(0 < res["packing"][label][f"{what}_speedup"] < float("inf") for what in ("extract", "eval", "train"))
 
 
 def test_grad_accum_equals_one_batch_of_twice_the_size(tiny_qwen, synthetic_root, tmp_path):
