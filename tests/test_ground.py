@@ -70,7 +70,7 @@ def test_maps_are_the_frozen_outputs_and_the_picture_is_drawn(grounding, trained
     L, H = g.layers, g.heads
     _, grid = qwen_inputs.patchify(im1, **g.image_settings)
     assert m["maps"].shape == (L * H, int(grid[0, 1]) // 2, int(grid[0, 2]) // 2) and m["maps"].dtype == np.float32
-    assert m["labels"][H + 1] == "L1 H1" and len(m["labels"]) == L * H
+    assert m["labels"][2 * H + 1] == "L2 H1" and len(m["labels"]) == L * H
     sample = qwen_inputs.build_inputs(g.tokenizer, grid, ["the red circle"])
     batch = qwen_inputs.collate([dict(sample, pixel_values=qwen_inputs.patchify(im1, **g.image_settings)[0],
                                       image_grid_thw=grid)])
