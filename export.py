@@ -66,7 +66,10 @@ def model_card(meta, run_dir):
              + (f", refined by SAM `{meta['sam']}`" if meta["sam"] else "")
              + (", with a learned phrase selector" if meta["grounder_kwargs"].get("selector") else "")
              + f". Only these weights are here ({meta['trainable_parameters'] / 1e6:.2f}M parameters, step "
-               f"{meta['step']}); the VLM{' and SAM' if meta['sam'] else ''} load from their own ids.", "",
+               f"{meta['step']}); " + ("the VLM and SAM load from their own ids" if meta["sam"] else
+                                       "the VLM loads from its own id")
+             + (" (`tiny`: the demo's random model, rebuilt from config.json's `tiny_model` by "
+                "synthetic.build_tiny_qwen)" if base["name"] == "tiny" else "") + ".", "",
              "```python", "import ground", "from PIL import Image", "",
              'g = ground.load_grounder("THIS_REPO_OR_DIR")',
              'masks = g.ground(Image.open("photo.jpg"), ["the dog on the left"])  # bool (H, W) numpy per phrase',

@@ -165,3 +165,19 @@ def test_tensorboard_gets_the_maps_picture(tiny_qwen, synthetic_root, tmp_path):
     train.train(cfg, torch.device("cpu"), show_config=False)
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
     assert [e.step for e in events.Images("eval/attention_maps")] == [1, 2]
+
+
+def test_answer_and_ground_is_chats_path(grounding):
+    import chat
+    g = grounding
+    im1, im2 = pictures()
+    answers = chat.generate(g.qwen, g.tokenizer, [im1, im2], ["What is this?"] * 2, g.image_settings, max_new_tokens=6)
+    with pytest.raises(ValueError, match="no phrase selector"):
+        g.answer_and_ground(im1, "What is this?", max_new_tokens=6)
+    words = [[a.split()[0]] for a in answers]  # the first word of each greedy answer, grounded
+    got = g.answer_and_ground([im1, im2], ["What is this?"] * 2, words, max_new_tokens=6)
+    want = chat.ground(g.qwen, g.grounder, g.tokenizer, g.image_settings, [im1, im2], ["What is this?"] * 2, answers,
+                       words)
+    for r, w, a, p, im in zip(got, want, answers, words, (im1, im2)):
+        assert r["answer"] == a and r["phrases"] == p and r["masks"][0].shape == (im.height, im.width)
+        assert np.array_equal(r["masks"][0], w["masks"][0].numpy())
