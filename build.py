@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import transformers
 import yaml
 
 import batching
 import data
 import head as heads
 import model
+import qwen_inputs
 import refiner
 import selector as selection
 import synthetic
@@ -191,9 +193,8 @@ def autocast_for(cfg, device):
 
 # ------------------------------------------------------------------------------------------------- models
 
-def build_qwen(cfg, device):
-    """The frozen VLM and its tokenizer; "tiny" writes the demo model once (seeded) and loads it back."""
-    dtype = getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32
+def qwen_path(cfg):
+    """Where the frozen VLM loads from: cfg.model, or for "tiny" the demo model's directory, written once (seeded)."""
     path = cfg.model
     if path == "tiny":  # one directory per build_tiny_qwen kwargs: another tiny_model never reuses a stale one
         tag = hashlib.sha1(json.dumps(cfg.tiny_model, sort_keys=True).encode()).hexdigest()[:8]
@@ -203,14 +204,31 @@ def build_qwen(cfg, device):
             synthetic.build_tiny_qwen(path, synthetic.synthetic_texts(), **cfg.tiny_model)
         if dist.is_initialized():
             dist.barrier()
-    return model.load_qwen(path, dtype=dtype, device=device, shard=cfg.shard)
+    return path
 
 
-def image_settings(cfg, tokenizer):
-    """The patchify keyword arguments: the checkpoint's (load_qwen puts them on the tokenizer), with the config's
-    min_pixels / max_pixels where they are set."""
+def build_qwen(cfg, device):
+    """The frozen VLM and its tokenizer (from qwen_path)."""
+    dtype = getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32
+    return model.load_qwen(qwen_path(cfg), dtype=dtype, device=device, shard=cfg.shard)
+
+
+def vlm_signature(config):
+    """What a trained head depends on in its frozen VLM, from the VLM's config (`qwen.config` or AutoConfig): family,
+    text and vision shapes. Two checkpoints of one architecture (a local copy of a Hub model) give the same."""
+    text, vision = config.text_config, config.vision_config
+    return dict(model_type=config.model_type, layers=text.num_hidden_layers, heads=text.num_attention_heads,
+                kv_heads=text.num_key_value_heads, hidden=text.hidden_size, vocab=text.vocab_size,
+                vision_depth=vision.depth, vision_hidden=vision.hidden_size,
+                patch=vision.patch_size, merge=vision.spatial_merge_size)
+
+
+def image_settings(cfg, tokenizer=None):
+    """The patchify keyword arguments: the checkpoint's (load_qwen puts them on the tokenizer; without one they are
+    read from qwen_path's preprocessor_config.json), with the config's min_pixels / max_pixels where they are set."""
+    base = tokenizer.image_settings if tokenizer is not None else qwen_inputs.image_settings(qwen_path(cfg))
     overrides = {k: getattr(cfg, k) for k in ("min_pixels", "max_pixels") if getattr(cfg, k)}
-    return {**tokenizer.image_settings, **overrides}
+    return {**base, **overrides}
 
 
 def grounder_kwargs(cfg, config):
@@ -294,6 +312,22 @@ def extract(qwen, grounder, batch):
     return frozen
 
 
+
+def base_vlm(cfg):
+    """The frozen VLM a run reads, as export.py records it: its name (+ tiny_model for the demo's) and vlm_signature,
+    from its config.json alone (no weights load)."""
+    config = transformers.AutoConfig.from_pretrained(qwen_path(cfg))
+    return dict(name=cfg.model, **({"tiny_model": cfg.tiny_model} if cfg.model == "tiny" else {}), **vlm_signature(config))
+
+
+def check_base_vlm(recorded, given, where):
+    """Refuse a VLM other than the one the head was trained on (base_vlm dicts), naming both."""
+    differ = {k: (recorded.get(k), v) for k, v in given.items() if k not in ("name", "tiny_model") and recorded.get(k) != v}
+    if differ:
+        raise SystemExit(f"{where} was trained on the VLM {recorded['name']!r}, not on {given['name']!r}: they differ "
+                         f"in {', '.join(f'{k} ({a!r} vs {b!r})' for k, (a, b) in differ.items())}; its head reads "
+                         f"that VLM's attention maps")
+
 # --------------------------------------------------------------------------------------------------- data
 
 def check_data(cfg, specs):
@@ -330,8 +364,23 @@ def build_val_loaders(cfg, tokenizer, specs, sam_side=0):
 
 # ------------------------------------------------------------------------------------------------ checkpoint
 
+EXPORT_FORMAT = "qwen-flmm-grounder"  # config.json's "format" in an export.py directory
+EXPORT_KEYS = ("config", "grounder_kwargs", "step", "base_vlm")  # what load_checkpoint reads from that config.json
+
+
 def load_checkpoint(path):
-    """A train.py checkpoint -> its dict, or one clear line (SystemExit) for anything else at that path."""
+    """A train.py checkpoint, an export.py directory or a Hub id holding one -> the checkpoint's dict (an export: the
+    same keys minus optimizer / RNG state, plus base_vlm); one clear line (SystemExit) for anything else there."""
+    if os.path.isdir(path):
+        return load_export(path)
+    if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path):  # owner/name: an export on the Hub
+        from huggingface_hub import snapshot_download
+        try:
+            folder = snapshot_download(path)
+        except Exception as e:  # offline, no such repo, no access: the Hub's own words
+            raise SystemExit(f"{path}: no such file or directory, and not downloadable as a Hub repo "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        return load_export(folder)
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such checkpoint")
     if not zipfile.is_zipfile(path):
@@ -345,3 +394,20 @@ def load_checkpoint(path):
         have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SystemExit(f"{path}: not a train.py checkpoint (needs keys {sorted(need)}, has {have})")
     return ckpt
+
+
+def load_export(folder):
+    """An export.py directory (model.safetensors + config.json) -> dict(config, grounder, grounder_kwargs, step,
+    base_vlm) as load_checkpoint gives it."""
+    paths = {name: os.path.join(folder, name) for name in ("config.json", "model.safetensors")}
+    missing = [p for p in paths.values() if not os.path.isfile(p)]
+    if missing:
+        hint = " (a train.py run's out_dir: give its ckpt.pt)" if os.path.isfile(os.path.join(folder, "ckpt.pt")) else ""
+        raise SystemExit(f"{folder}: not an export.py directory, missing {missing}{hint}")
+    with open(paths["config.json"]) as f:
+        meta = json.load(f)
+    if meta.get("format") != EXPORT_FORMAT or not set(EXPORT_KEYS) <= set(meta):
+        raise SystemExit(f"{paths['config.json']}: not an export.py config (needs format {EXPORT_FORMAT!r} and keys "
+                         f"{list(EXPORT_KEYS)}, has format {meta.get('format')!r} and keys {sorted(meta)})")
+    from safetensors.torch import load_file
+    return dict({k: meta[k] for k in EXPORT_KEYS}, grounder=load_file(paths["model.safetensors"]))

@@ -220,7 +220,7 @@ def reasonseg(qwen, grounder, tokenizer, image_settings, records, batch_size=8, 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--ckpt", required=True, help="a ckpt.pt, an export.py directory or a Hub id holding one")
     parser.add_argument("--image", help="the picture to talk about")
     parser.add_argument("--ask", help="the question; the VLM answers it, then the answer's phrases are grounded")
     parser.add_argument("--answer", help="use this answer instead of generating one (grounds a text you have)")
@@ -296,7 +296,8 @@ def main():
     except ValueError as e:
         raise SystemExit(str(e))
     grounded = [answer[a:b] for a, b in res["spans"]]
-    out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
+    out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)) if os.path.exists(args.ckpt)
+                                        else os.getcwd(),  # a Hub id: here
                                         f"chat_{os.path.splitext(os.path.basename(args.image))[0]}.png")
     Image.fromarray(picture(np.asarray(image), [m.numpy() for m in res["masks"]], grounded)).save(out_path)
     print(f"Q: {question}\nA: {marked(answer, res['spans'])}")

@@ -3,12 +3,15 @@
     python eval.py --ckpt out/demo/ckpt.pt                              # the splits in the run's config
     python eval.py --ckpt out/refcoco/ckpt.pt --split refcoco_testA --protocol flmm --out metrics.json --vis 8
     python eval.py --ckpt out/refcoco/ckpt.pt --image photo.jpg --text "the dog on the left"
+    python eval.py --ckpt out/refcoco/ckpt.pt --image photo.jpg --text "the dog" --maps maps.png  # what it attends to
+    python eval.py --ckpt exported_dir_or_hub_id                        # export.py's output works wherever ckpt.pt does
     torchrun --nproc_per_node=8 eval.py --ckpt out/refcoco/ckpt.pt      # per-phrase results gathered over ranks
 
 Predictions are upsampled from the resized image to the original size; a pixel is in the mask when sigmoid > 0.5.
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 
@@ -81,26 +84,29 @@ def reasonseg_metrics(stats):
 
 
 @torch.no_grad()
-def predict(qwen, grounder, batch, sizes, coarse=False, spans=None):
+def predict(qwen, grounder, batch, sizes, coarse=False, spans=None, logits=False):
     """Batch (on the device) -> one bool mask per phrase (batch order, then phrase order), upsampled to its image's
     original size; sizes: one (H, W) per sample. The refined masks when the grounder has a refiner, unless coarse.
-    spans: a list that gets, with a phrase selector, each sequence's exact-match span counts (tp, predicted, gold)."""
+    spans: a list that gets, with a phrase selector, each sequence's exact-match span counts (tp, predicted, gold).
+    logits: the float32 logits at that size (mask = logits > 0) instead."""
     kind = "coarse" if coarse else "final"
-    return predict_kinds(qwen, grounder, batch, sizes, (kind,), spans)[kind]
+    return predict_kinds(qwen, grounder, batch, sizes, (kind,), spans, logits)[kind]
 
 
 @torch.no_grad()
-def predict_kinds(qwen, grounder, batch, sizes, kinds, spans=None):
+def predict_kinds(qwen, grounder, batch, sizes, kinds, spans=None, logits=False):
     """predict for several kinds of mask from ONE frozen forward and grounder call: {kind: masks}, kind "final"
-    (refined with a refiner, else the U-Net's) or "coarse" (the U-Net's)."""
+    (refined with a refiner, else the U-Net's) or "coarse" (the U-Net's). logits: the float32 logits the masks
+    threshold at 0, at the same size, instead of the masks."""
     frozen = build.extract(qwen, grounder, batch)
     out = grounder(frozen)
     if spans is not None and "select" in out:  # gold: the supervised phrases (heads.answer_tags)
         spans += [selection.span_counts(selection.decode(x), selection.tag_spans(t))
                   for x, t in zip(out["select"], heads.answer_tags(batch), strict=True)]
-    logits = dict(final=out.get("refined", out["coarse"]), coarse=out["coarse"])
-    return {kind: [F.interpolate(x[None, None].float(), size=sizes[i], mode="bilinear", align_corners=False)[0, 0] > 0
-                   for x, i in zip(logits[kind], frozen["phrase_image"], strict=True)] for kind in kinds}
+    outputs = dict(final=out.get("refined", out["coarse"]), coarse=out["coarse"])
+    up = {kind: [F.interpolate(x[None, None].float(), size=sizes[i], mode="bilinear", align_corners=False)[0, 0]
+                 for x, i in zip(outputs[kind], frozen["phrase_image"], strict=True)] for kind in kinds}
+    return up if logits else {kind: [x > 0 for x in xs] for kind, xs in up.items()}
 
 
 def gt_sizes(batch):
@@ -339,21 +345,32 @@ def report(qwen, grounder, loaders, device, autocast, out_dir, vis=0, writer=Non
 
 # ------------------------------------------------------------------------------------------- command line
 
-def load_run(ckpt_path, device):
-    """Checkpoint -> (qwen, grounder, tokenizer, Config): the VLM named in the saved config, the trained modules from
-    the checkpoint."""
+def load_run(ckpt_path, device, model=None):
+    """Checkpoint (a ckpt.pt, an export.py directory or a Hub id holding one) -> (qwen, grounder, tokenizer, Config):
+    the VLM named in the saved config (or `model`, a local copy of it: another VLM is refused, naming both), the
+    trained modules from the checkpoint."""
     ckpt = build.load_checkpoint(ckpt_path)
     cfg = build.config_from_dict(ckpt["config"], ckpt_path)
+    if model is not None or "base_vlm" in ckpt:  # checked from config.json files before any weights load
+        given = build.base_vlm(dataclasses.replace(cfg, model=model or cfg.model))
+        build.check_base_vlm(ckpt.get("base_vlm") or build.base_vlm(cfg), given, ckpt_path)
+        cfg.model = given["name"]
     qwen, tokenizer = build.build_qwen(cfg, device)
     grounder = heads.load_state(build.build_grounder(ckpt["grounder_kwargs"], device), ckpt["grounder"], ckpt_path)
     return qwen, grounder.eval(), tokenizer, cfg
 
 
+def image_sample(tokenizer, grounder, settings, image, phrases, image_id=0):
+    """One PIL image and its phrases -> the sample qwen_inputs.collate takes (+ SAM's input with a refiner).
+    settings: patchify's keyword arguments (build.image_settings)."""
+    pixel_values, grid = qwen_inputs.patchify(image, **settings)
+    return dict(qwen_inputs.build_inputs(tokenizer, grid, phrases), pixel_values=pixel_values, image_grid_thw=grid,
+                image_id=image_id, **(refiner.sam_image(image, build.sam_size(grounder)) if grounder.refiner else {}))
+
+
 def predict_image(qwen, grounder, tokenizer, cfg, image, text, device, out_path):
     """One picture (PIL, EXIF orientation applied) and one expression -> bool mask; writes an overlay PNG."""
-    pixel_values, grid = qwen_inputs.patchify(image, **build.image_settings(cfg, tokenizer))
-    sample = dict(qwen_inputs.build_inputs(tokenizer, grid, [text]), pixel_values=pixel_values, image_grid_thw=grid,
-                  image_id=0, **(refiner.sam_image(image, build.sam_size(grounder)) if grounder.refiner else {}))
+    sample = image_sample(tokenizer, grounder, build.image_settings(cfg, tokenizer), image, [text])
     batch = model.to_device(qwen_inputs.collate([sample]), device)
     (mask,) = predict(qwen, grounder, batch, [(image.height, image.width)])
     Image.fromarray(overlay(np.asarray(image), mask.cpu().numpy(), None, text)).save(out_path)
@@ -375,7 +392,8 @@ def _slug(text):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--ckpt", required=True, help="a ckpt.pt, an export.py directory or a Hub id holding one")
+    parser.add_argument("--model", help="a local copy of the checkpoint's base VLM to load instead (another is refused)")
     parser.add_argument("--split", nargs="*", help="names of the config's test_data splits to score (default all)")
     parser.add_argument("--protocol", choices=["standard", "flmm"], help="default: the run's config")
     parser.add_argument("--out", help="write the metrics as JSON here (with --image: the overlay PNG)")
@@ -386,18 +404,19 @@ def main():
                         help="also score a random object of each image, and the constant-phrase ablation if trained")
     parser.add_argument("--image", help="predict one picture (with --text) and write an overlay PNG")
     parser.add_argument("--text", help="the expression to ground in --image")
+    parser.add_argument("--maps", help="with --image/--text: also draw the attention maps the head reads to this PNG")
     args = parser.parse_args()
     # everything that can be checked without the model, before it loads
     ckpt = build.load_checkpoint(args.ckpt)
-    out_dir = os.path.dirname(os.path.abspath(args.ckpt))
+    out_dir = os.path.dirname(os.path.abspath(args.ckpt)) if os.path.exists(args.ckpt) else os.getcwd()  # (Hub id)
     if args.image is not None:
         if args.text is None or not args.text.strip():
             raise SystemExit(f"--image needs a non-empty --text (the expression to ground), got {args.text!r}")
         image = open_image(args.image)
         out_path = args.out or os.path.join(
             out_dir, f"{os.path.splitext(os.path.basename(args.image))[0]}_{_slug(args.text)}.png")
-    elif args.text is not None:
-        raise SystemExit("--text needs --image: the picture to ground it in")
+    elif args.text is not None or args.maps is not None:
+        raise SystemExit("--text and --maps need --image: the picture to ground the text in")
     cfg = build.config_from_dict(ckpt["config"], args.ckpt)
     cfg.protocol = args.protocol or cfg.protocol
     cfg.batch_size = args.batch_size or cfg.batch_size
@@ -409,10 +428,15 @@ def main():
         build.check_data(cfg, specs)
 
     rank, world, device = build.init_distributed()
-    qwen, grounder, tokenizer, _ = load_run(args.ckpt, device)
+    qwen, grounder, tokenizer, _ = load_run(args.ckpt, device, model=args.model)
     if args.image is not None:
         mask = predict_image(qwen, grounder, tokenizer, cfg, image, args.text, device, out_path)
         print(f"{args.image}: {int(mask.sum())} pixels for {args.text!r} -> {out_path}")
+        if args.maps:
+            import ground  # (ground.py builds on this file)
+            Image.fromarray(ground.Grounding(qwen, grounder, tokenizer, cfg).maps_picture(image, args.text)).save(
+                args.maps)
+            print(f"attention maps: {args.maps}")
         return
     autocast = build.autocast_for(cfg, device)
     loaders = build.build_val_loaders(cfg, tokenizer, specs, build.sam_size(grounder))

@@ -70,6 +70,11 @@ class MaskHead(nn.Module):
                 out[i] = logit
         return out
 
+    def channel_weights(self):
+        """(in_channels,) float32: the L2 norm of the first convolution's weights over each input channel (channel
+        layer*H + head): how strongly the U-Net reads each attention map (every map is normalised to sum 1 first)."""
+        return torch.linalg.vector_norm(self.down[0][0].weight.detach().float(), dim=(0, 2, 3))
+
     def _forward_grid(self, x, v):
         """x (P, C, h, w), v (P, C_vis, 2h, 2w) or None -> (P, token_px*h, token_px*w) logits."""
         P, C, h, w = x.shape

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -29,6 +30,7 @@ import build
 import cache
 import cached
 import eval as evaluation
+import ground
 import head as heads
 import model
 from build import print0
@@ -148,13 +150,23 @@ def log_line(cfg, writer, step, terms, lr, grad_norm, rate):
     return scalars
 
 
-def periodic_eval(qwen, grounder, val_loaders, device, autocast, cfg, writer, step):
+def periodic_eval(qwen, grounder, val_loaders, device, autocast, cfg, writer, step, heads_per_layer):
     metrics = evaluation.evaluate_all(qwen, grounder, val_loaders, device, autocast, cfg.eval_batches)
     for name, m in metrics.items():
         print0(f"step {step} {name}: " + " ".join(f"{k} {v:.2f}" for k, v in m.items() if k != "n"))
         for k, v in m.items():
             if writer is not None:
                 writer.add_scalar(f"eval/{name}/{k}", v, step)
+    board_maps(qwen, grounder, val_loaders, device, autocast, cfg, writer, step, heads_per_layer)
+
+
+def board_maps(qwen, grounder, val_loaders, device, autocast, cfg, writer, step, heads_per_layer):
+    """Tensorboard: what the VLM attends to for the first val phrases (ground.loader_pictures), at every eval."""
+    if cfg.vis_every and val_loaders and (writer is not None or evaluation.sharded(qwen)):  # sharded: all ranks run
+        loader, _ = next(iter(val_loaders.values()))
+        picture = ground.loader_pictures(qwen, grounder, loader, device, heads_per_layer, autocast=autocast)
+        if writer is not None:
+            writer.add_image("eval/attention_maps", picture, step, dataformats="HWC")
 
 
 def train(cfg, device, rank=0, world=1, show_config=True):
@@ -229,7 +241,8 @@ def train(cfg, device, rank=0, world=1, show_config=True):
         for group in optimizer.param_groups:
             group["lr"] = lr
         if cfg.eval_every and step and step % cfg.eval_every == 0 and val_loaders:
-            periodic_eval(qwen, trained, val_loaders, device, autocast, cfg, writer, step)
+            periodic_eval(qwen, trained, val_loaders, device, autocast, cfg, writer, step,
+                          config.text_config.num_attention_heads)
 
         grounder.train()
         micro = [next(batches) for _ in range(cfg.grad_accum)]
@@ -286,6 +299,7 @@ def train(cfg, device, rank=0, world=1, show_config=True):
         print0(f"skipped {len(skipped)} unreadable image(s) during training (skip_bad=true), e.g. {sorted(skipped)[0]}")
     metrics = evaluation.report(qwen, grounder, val_loaders, device, autocast, cfg.out_dir, cfg.vis_samples, writer,
                                 step)
+    board_maps(qwen, grounder, val_loaders, device, autocast, cfg, writer, step, config.text_config.num_attention_heads)
     if writer is not None:
         writer.close()
     print0(f"checkpoint: {ckpt_path}")
@@ -323,4 +337,11 @@ if __name__ == "__main__":
     parser.add_argument("--cfg", default=None, help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. batch_size=8 resume=true")
     args = parser.parse_args()
-    main(build.load_config(args.cfg, args.overrides))
+    cfg = build.load_config(args.cfg, args.overrides)
+    if int(os.environ.get("RANK", 0)) == 0:  # the command behind the run, for export.py's model card
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}" if world > 1 else "python"
+        with open(os.path.join(cfg.out_dir, "commands.txt"), "a" if cfg.resume else "w") as f:
+            f.write(f"{launcher} {shlex.join(sys.argv)}\n")
+    main(cfg)
