@@ -360,18 +360,27 @@ def load_run(ckpt_path, device, model=None):
     return qwen, grounder.eval(), tokenizer, cfg
 
 
-def image_sample(tokenizer, grounder, settings, image, phrases, image_id=0):
-    """One PIL image and its phrases -> the sample qwen_inputs.collate takes (+ SAM's input with a refiner).
-    settings: patchify's keyword arguments (build.image_settings)."""
+def image_samples(tokenizer, grounder, settings, image, phrases, image_id=0, pack_tokens=None):
+    """One PIL image and its phrases -> the samples qwen_inputs.collate takes (+ SAM's input with a refiner), their
+    phrases in order. pack_tokens=None: one sequence holding all the phrases (F-LMM's layout); an int: each phrase an
+    independent sentence (the standard protocol), packed behind one shared image prefix in rows of at most that many
+    tokens (0: a sequence each). settings: patchify's keyword arguments (build.image_settings)."""
     pixel_values, grid = qwen_inputs.patchify(image, **settings)
-    return dict(qwen_inputs.build_inputs(tokenizer, grid, phrases), pixel_values=pixel_values, image_grid_thw=grid,
-                image_id=image_id, **(refiner.sam_image(image, build.sam_size(grounder)) if grounder.refiner else {}))
+    if pack_tokens is None:
+        rows = [qwen_inputs.build_inputs(tokenizer, grid, phrases)]
+    elif pack_tokens:
+        rows = [r for r, _ in qwen_inputs.split_packed(qwen_inputs.build_packed(tokenizer, grid, [[p] for p in phrases]),
+                                                        pack_tokens)]
+    else:
+        rows = [qwen_inputs.build_inputs(tokenizer, grid, [p]) for p in phrases]
+    sam = refiner.sam_image(image, build.sam_size(grounder)) if grounder.refiner else {}
+    return [dict(r, pixel_values=pixel_values, image_grid_thw=grid, image_id=image_id, **sam) for r in rows]
 
 
 def predict_image(qwen, grounder, tokenizer, cfg, image, text, device, out_path):
     """One picture (PIL, EXIF orientation applied) and one expression -> bool mask; writes an overlay PNG."""
-    sample = image_sample(tokenizer, grounder, build.image_settings(cfg, tokenizer), image, [text])
-    batch = model.to_device(qwen_inputs.collate([sample]), device)
+    samples = image_samples(tokenizer, grounder, build.image_settings(cfg, tokenizer), image, [text])
+    batch = model.to_device(qwen_inputs.collate(samples), device)
     (mask,) = predict(qwen, grounder, batch, [(image.height, image.width)])
     Image.fromarray(overlay(np.asarray(image), mask.cpu().numpy(), None, text)).save(out_path)
     return mask

@@ -67,21 +67,24 @@ class Grounding:
         self.layers, self.heads = text.num_hidden_layers, text.num_attention_heads
 
     def _batch(self, images, phrases, together):
-        """One batch: a sequence per phrase (the standard protocol), or with `together` one per image holding all
-        its phrases (F-LMM's protocol, `layout: image`); either way the outputs come in phrase order. -> (batch on
-        the device, the (H, W) of each sequence's image)."""
+        """One batch: each phrase independent (the standard protocol; an image's phrases packed behind one shared
+        image prefix, cfg.pack_tokens), or with `together` one sequence per image holding all its phrases (F-LMM's
+        protocol, `layout: image`); either way the outputs come in phrase order. -> (batch on the device, the (H, W)
+        of each sequence's image)."""
         samples, sizes = [], []
-        for i, (im, ps) in enumerate(zip(images, phrases)):
-            for group in [ps] if together else [[p] for p in ps]:  # image_id i: SAM encodes each image once
-                samples.append(evaluation.image_sample(self.tokenizer, self.grounder, self.image_settings, im, group, i))
-                sizes.append((im.height, im.width))
+        for i, (im, ps) in enumerate(zip(images, phrases)):  # image_id i: SAM encodes each image once
+            rows = evaluation.image_samples(self.tokenizer, self.grounder, self.image_settings, im, ps, i,
+                                            pack_tokens=None if together else self.cfg.pack_tokens)
+            samples += rows
+            sizes += [(im.height, im.width)] * len(rows)
         return model.to_device(qwen_inputs.collate(samples), self.device), sizes
 
     @torch.no_grad()
     def ground(self, images, phrases, *, coarse=False, return_logits=False, together=False):
         """One image + a list of phrases -> one bool numpy (H, W) mask per phrase, at the image's size (a list of
         images + one list of phrases each -> one such list per image, all in one forward). Each phrase is read in
-        its own sequence, as eval.py's standard protocol does (together: an image's phrases in one sequence, as its
+        its own sequence, as eval.py's standard protocol does (an image's phrases packed behind one image prefix: one
+        forward per image, exact per phrase) (together: an image's phrases in one sequence, as its
         flmm protocol). coarse: the U-Net's masks instead of the refiner's; return_logits: float32 logits
         (mask = logits > 0) instead of masks."""
         images, phrases, batched = _requests(images, phrases)

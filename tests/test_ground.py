@@ -1,7 +1,6 @@
 """ground.py and export.py on the CPU with the tiny model: the API gives eval.py's numbers, batched or not; an export
 round-trips to the same masks (ground, eval.py --ckpt DIR); another base VLM is refused; the maps and their picture
 (eval.py --maps, tensorboard)."""
-import glob
 import json
 import os
 import sys
