@@ -240,3 +240,15 @@ def test_reasonseg_runs_both_modes(tiny_qwen, ckpt, tmp_path):
                            data.load_reasonseg(str(tmp_path / "val")), batch_size=2, cot_tokens=3)
     assert sorted(stats) == ["cot", "direct"] and all(len(s) == 2 for s in stats.values())
     assert all(0 <= i <= u for s in stats.values() for i, u in s)
+
+
+def test_selector_tags_a_short_answer_batched_with_a_long_one_as_alone():
+    """Padded slots are zeroed before the convolution: a short answer's tags do not see its batch-mate's padding
+    (LayerNorm and the projection's bias turn zero padding into non-zero features otherwise)."""
+    torch.manual_seed(0)
+    s = selection.Selector(hidden_size=16, layers=2, width=8)
+    short, long = torch.randn(3, 2, 16), torch.randn(11, 2, 16)
+    with torch.no_grad():
+        (alone,) = s([short])
+        batched = s([short, long])
+    assert batched[0].shape == (3, 3) and torch.allclose(batched[0], alone, atol=1e-6)

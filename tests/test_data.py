@@ -384,3 +384,12 @@ def test_synthetic(tmp_path):
             assert mask.shape == pixels.shape[:2] == (224, 224) and mask.sum() > 50
             assert (pixels[mask] == synthetic.COLOURS[target["colour"]]).all()  # the mask is the visible part: the object's colour everywhere
     assert n_sent > 60 and set(synthetic.synthetic_texts()) >= {"the red circle", "big blue star in the top left"}
+
+
+def test_resize_masks_keeps_a_half_covered_pixel():
+    """The box filter's footprint of a target pixel half covered is 127.5 -> 128 in PIL's uint8: it is in the mask
+    (>= 128), as a majority-or-tie of its footprint; a third covered is out."""
+    half = np.array([[[True, False]]])  # (1, 1, 2) -> (1, 1, 1)
+    assert data.resize_masks(half, 1, 1).tolist() == [[[True]]]
+    third = np.array([[[True, False, False]]])
+    assert data.resize_masks(third, 1, 1).tolist() == [[[False]]]

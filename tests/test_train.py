@@ -437,3 +437,83 @@ def test_refiner_run_reports_refined_and_coarse_masks(tiny_qwen, synthetic_root,
     for flag, key in (([], "synthetic_val"), (["--coarse"], "synthetic_val (U-Net only)")):
         run_eval(monkeypatch, "--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "m.json"), *flag)
         assert json.load(open(tmp_path / "m.json"))["results"]["synthetic_val"] == pytest.approx(metrics[key]), key
+
+
+# ------------------------------------------------------------------------------- tests aimed at one breakage each
+
+def test_precision_at_t_counts_an_iou_of_exactly_t():
+    """IoUs of exactly 0.5, 0.6, 0.7, 0.8, 0.9 (I/U = 1/2, 3/5, 7/10, 4/5, 9/10: the division rounds to the same
+    double as the literal): P@t = 100 * #(IoU >= t) / n, the tie a hit."""
+    m = evaluation._metrics([1, 3, 7, 4, 9], [2, 5, 10, 5, 10])
+    assert [m[f"P@{t}"] for t in evaluation.THRESHOLDS] == pytest.approx([100, 80, 60, 40, 20])
+
+
+def test_predicted_kinds_are_the_refined_and_the_coarse_logits(tmp_path):
+    """eval's "final" masks are the refiner's and "coarse" the U-Net's, checked against the grounder's own outputs
+    (a swap inside eval changes the training report and eval.py alike, so only an outside reference sees it)."""
+    import refiner
+    torch.manual_seed(0)
+    sam = refiner.build_tiny_sam(str(tmp_path / "sam"))
+    grounder = build.build_grounder(dict(head=dict(in_channels=4, base=4, size=8, token_px=28),
+                                         refiner=dict(sam=sam, hidden_size=16, text_layers=2)), "cpu").eval()
+    g = torch.Generator().manual_seed(0)
+    frozen = dict(maps=[torch.rand(4, 3, 4, generator=g), torch.rand(4, 3, 4, generator=g)], phrase_image=[0, 0],
+                  vision=None, hidden=[torch.randn(2, 2, 16, generator=g), torch.randn(3, 2, 16, generator=g)],
+                  sam_embeddings=torch.randn(1, 64, 16, 16, generator=g), sam_sizes=[(192, 256)])
+    out = grounder(frozen)
+    sizes = [(60, 80)]
+    preds = evaluation.predict_kinds(None, grounder, dict(frozen=frozen), sizes, ("final", "coarse"))
+    for kind, key in (("final", "refined"), ("coarse", "coarse")):
+        want = [torch.nn.functional.interpolate(x[None, None], size=sizes[0], mode="bilinear")[0, 0] > 0
+                for x in out[key]]
+        assert all(torch.equal(p, w) for p, w in zip(preds[kind], want, strict=True)), kind
+    assert any(not torch.equal(a, b) for a, b in zip(preds["final"], preds["coarse"]))  # the test can tell them apart
+
+
+def test_gradient_clipping_bounds_the_step(tiny_qwen, synthetic_root, tmp_path, monkeypatch):
+    """With plain SGD (Adam divides the gradient's size away) one step moves the weights by lr * the clipped
+    gradient: at most lr * grad_clip in norm, though the raw gradient is far larger."""
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, betas, weight_decay: torch.optim.SGD(params, lr=lr))
+    cfg = tiny_config(tiny_qwen[0], synthetic_root, tmp_path, max_steps=1, lr=1.0, grad_clip=1e-3, vis_samples=0,
+                      vis_every=0)
+    trained = train.train(cfg, torch.device("cpu"))[1].state_dict()
+    torch.manual_seed(cfg.seed)
+    init = build.build_grounder(torch.load(tmp_path / "ckpt.pt", weights_only=True)["grounder_kwargs"]).state_dict()
+    moved = torch.cat([(trained[k] - init[k]).flatten() for k in init]).norm()
+    (logged,) = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert logged["grad_norm"] > 100 * cfg.grad_clip  # the raw norm, before clipping
+    assert 0 < moved <= cfg.lr * cfg.grad_clip * (1 + 1e-4), float(moved)
+
+
+def test_a_configs_min_pixels_reaches_the_patchifier(tiny_qwen, synthetic_root):
+    """min_pixels=448*448 upscales the 112-px synthetic images to a 32x32 patch grid (the checkpoint's own minimum
+    leaves them at 8x8); max_pixels below their size shrinks them."""
+    grids = {}
+    for name, over in (("default", {}), ("min", dict(min_pixels=448 * 448)), ("max", dict(max_pixels=56 * 56))):
+        cfg = tiny_config(tiny_qwen[0], synthetic_root, "unused", **over)
+        ds = build.build_dataset(cfg, tiny_qwen[2], cfg.val_data[0], train=False)
+        grids[name] = ds[0]["image_grid_thw"][0].tolist()
+    assert grids == dict(default=[1, 8, 8], min=[1, 32, 32], max=[1, 4, 4])
+
+
+def _count_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:  # rank 0: one sequence of one phrase; rank 1: two sequences of one phrase each
+        micro = [dict(supervised=[[True]], phrases=[["a"]])] if rank == 0 else \
+            [dict(supervised=[[True]], phrases=[["b"]]), dict(supervised=[[True], [False]], phrases=[["c"], ["d"]])]
+        counts = train.step_counts(micro, torch.device("cpu"))
+        torch.save({k: float(v) for k, v in counts.items()}, os.path.join(out, f"counts{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_step_counts_are_summed_over_the_ranks(tmp_path):
+    """Rank 0 holds 1 supervised phrase in 1 sequence, rank 1 holds 2 (and an unsupervised one) in 3 sequences: both
+    divide by the step's 3 phrases and 4 sequences, or the ranks' gradients would be weighted unequally."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_count_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="fork")  # seconds faster
+    for r in (0, 1):
+        assert torch.load(tmp_path / f"counts{r}.pt") == dict(phrase=3.0, sequence=4.0), r
