@@ -375,7 +375,7 @@ def _extract(cfg, qwen, tokenizer, grounder, todo, mine, shard_size, device, ran
     standard = dataclasses.replace(cfg, protocol="standard")
     bar = tqdm(total=sum(min(shard_size, len(todo[name][1]) - k * shard_size) for name, ks in mine.items() for k in ks),
                disable=rank != 0, unit="seq", dynamic_ncols=True, file=sys.stdout, mininterval=2)
-    checked = False
+    checked, skipped = False, []
     for name, shards in mine.items():
         if not shards:
             continue
@@ -399,11 +399,14 @@ def _extract(cfg, qwen, tokenizer, grounder, todo, mine, shard_size, device, ran
                     checked = True
                     _check_disk(cfg, build.image_settings(cfg, tokenizer), rates, todo, shard_size)
             writer.index["skipped"] += batch["skipped"]
+            skipped += batch["skipped"]
             bar.update(len(indices))
             if indices[-1] == bounds[k][1] - 1:
                 writer.close()
                 writer = None
     bar.close()
+    if skipped:  # once, after the bar (skip_bad): the sequences of unreadable images are not in the cache
+        print(f"rank {rank}: skipped {len(skipped)} unreadable sequence(s) (skip_bad=true), e.g. {skipped[0]}")
 
 
 def _extract_unique(qwen, grounder, batch, device):
@@ -507,8 +510,7 @@ class CachedDataset(Dataset):
             msg = f"{self.folder}: phrases {missing} of {item['file_name']} (image {item['image_id']}) are not cached"
             if not self.skip_bad:
                 raise data.DataError(msg)
-            print(f"skipping sample: {msg}")
-            return dict(bad=os.path.join(self.image_dir, item["file_name"]))
+            return dict(bad=msg)  # counted and reported once by the caller, as online
         gt = data.item_targets(item)  # (K, H, W)
         rows = [self.where[i] for i in ids]
         k, row = rows[0]
@@ -593,9 +595,11 @@ def build_val_loaders(cfg, specs):
 
 def main(cfg, shard_size=SHARD_SIZE):
     rank, world, device = build.start_job(cfg)
+    build.print_config(cfg)
     try:
         t0 = time.time()
-        extract_all(cfg, rank, world, device, shard_size)
+        with build.one_line_data_errors():
+            extract_all(cfg, rank, world, device, shard_size)
         print0(f"extracted in {time.time() - t0:.0f} s")
     finally:
         if world > 1:

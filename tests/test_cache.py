@@ -142,6 +142,7 @@ def test_the_refiners_inputs_are_cached_too(tiny_qwen, synthetic_root, tmp_path)
     _, qwen, tokenizer = tiny_qwen
     cfg = cache_config(tiny_qwen[0], synthetic_root, tmp_path, refiner=dict(sam="tiny", text_layers=2),
                        synthetic=dict(root=synthetic_root), max_steps=2, vis_samples=0)
+    build.prepare_sam(cfg)  # writes the tiny SAM (start_job does it in the scripts)
     cache.extract_all(cfg, shard_size=SHARD)
     grounder = build.build_grounder(build.grounder_kwargs(cfg, qwen.config))
     online = next(iter(build.build_train_loader(cfg, tokenizer, build.sam_size(grounder))))
@@ -305,6 +306,7 @@ def test_identical_sequences_run_once_and_give_every_sequence_its_outputs(tiny_q
     model_dir, qwen, tokenizer = tiny_qwen
     cfg = cache_config(model_dir, synthetic_root, tmp_path, constant_phrase="the object",
                        refiner=dict(sam="tiny"), synthetic=dict(root=str(tmp_path / "sam")))
+    build.prepare_sam(cfg)  # writes the tiny SAM (start_job does it in the scripts)
     grounder = build.build_grounder(build.grounder_kwargs(cfg, qwen.config))
     ds = build.build_dataset(dataclasses.replace(cfg, protocol="standard"), tokenizer, cfg.train_data[0], train=False,
                              sam_side=build.sam_size(grounder))

@@ -102,8 +102,10 @@ def spec(root, split, **kw):
 # ------------------------------------------------------------------------------------------- records, masks
 
 def test_load_refer_records_and_exact_splits(refer_root):
-    counts = {s: len(data.load_refer(refer_root, "refcoco", "unc", s)) for s in ("train", "val", "test", "testA", "testB")}
-    assert counts == dict(train=2, val=0, test=1, testA=1, testB=1)
+    counts = {s: len(data.load_refer(refer_root, "refcoco", "unc", s)) for s in ("train", "test", "testA", "testB")}
+    assert counts == dict(train=2, test=1, testA=1, testB=1)
+    with pytest.raises(data.DataError, match=r"no split 'val'; its splits are \['test', 'testA', 'testB', 'train'\]"):
+        data.load_refer(refer_root, "refcoco", "unc", "val")  # a split the file does not have is an error
     rec = data.load_refer(refer_root, "refcoco", "unc", "train")[0]
     assert rec["ref_id"] == 100 and rec["ann_id"] == 11 and rec["ann_ids"] == [11] and rec["image_id"] == 1
     assert rec["file_name"] == "COCO_train2014_000000000001.jpg"  # from instances.json, not the refs' own
