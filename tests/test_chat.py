@@ -1,6 +1,7 @@
 """chat.py, the phrase selector and ReasonSeg on the tiny random model: generation equals stock SDPA, the selector
 learns, spans map back to the answer's characters, the picture, --phrases errors, ReasonSeg scoring by hand."""
 import dataclasses
+import re
 import json
 import sys
 
@@ -252,3 +253,39 @@ def test_selector_tags_a_short_answer_batched_with_a_long_one_as_alone():
         (alone,) = s([short])
         batched = s([short, long])
     assert batched[0].shape == (3, 3) and torch.allclose(batched[0], alone, atol=1e-6)
+
+
+def test_without_a_selector_the_answer_comes_first(tiny_qwen, tmp_path, monkeypatch, capsys):
+    """No selector, no --phrases: the VLM still answers, and one line says how to ground phrases of that answer."""
+    model_dir, qwen, _ = tiny_qwen
+    cfg = build.Config(model=model_dir, dtype="float32", head=dict(base=8, size=16))
+    kwargs = build.grounder_kwargs(cfg, qwen.config)
+    path = tmp_path / "ckpt.pt"
+    torch.save(dict(config=dataclasses.asdict(cfg), grounder=build.build_grounder(kwargs).state_dict(),
+                    grounder_kwargs=kwargs, step=0), path)
+    image = tmp_path / "scene.png"
+    picture_file(image)
+    out = run_chat(monkeypatch, capsys, "--ckpt", str(path), "--image", str(image), "--ask", "What is there?",
+                   "--max_new_tokens", "4")
+    answer = re.search(r"^A: (.*)$", out, re.M).group(1)
+    assert "has no phrase selector" in out and f"--answer {json.dumps(answer)} --phrases" in out
+    assert "selector: {layers: 0}" in out  # not selector: {}, which is off
+
+
+def test_empty_questions_and_nothing_grounded_say_so(tmp_path, ckpt, monkeypatch, capsys):
+    image = tmp_path / "scene.png"
+    picture_file(image)
+    for flag in ("--ask", "--answer", "--text"):
+        for empty in ("", "   "):
+            with pytest.raises(SystemExit, match=f"^{flag}: empty"):
+                run_chat(monkeypatch, capsys, "--ckpt", ckpt, "--image", str(image), flag, empty)
+    monkeypatch.setattr(selection, "decode", lambda logits: [])  # a selector that tags nothing
+    out = run_chat(monkeypatch, capsys, "--ckpt", ckpt, "--image", str(image), "--answer", "a red circle",
+                   "--out", str(tmp_path / "p.png"))
+    assert "nothing grounded" in out
+
+
+def test_phrase_colours_are_no_synthetic_objects_colour():
+    import synthetic
+    for colour in chat.PALETTE.astype(int):
+        assert min(np.linalg.norm(colour - np.array(c)) for c in synthetic.COLOURS.values()) >= 90, colour
