@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 
 import pytest
@@ -376,3 +377,44 @@ def test_ddp_from_the_cache_equals_one_process_with_the_same_global_batch(extrac
     moved = max(float((a[k] - init.state_dict()[k]).abs().max()) for k in a)
     print(f"{optimizer}: heads differ by {diff:.3g}, trained by {moved:.3g}")
     assert diff <= (1e-7 if optimizer == "sgd" else 1e-4) and moved > 1e-3
+
+
+# ------------------------------------------------------------------------------- what a new user meets, by command
+
+def test_an_unknown_split_is_named_and_nothing_is_written(extracted, tmp_path, capsys):
+    cfg = dataclasses.replace(extracted, cache_dir=str(tmp_path / "cache"),
+                              train_data=[dict(extracted.train_data[0], split="trian")])
+    with pytest.raises(SystemExit, match=r"^data error: .*refs\(unc\).p: no split 'trian'; its splits are \[.*'train'"):
+        cache.main(cfg)
+    assert not os.path.exists(cfg.cache_dir)
+    assert capsys.readouterr().out.startswith("model: ")  # the resolved config came first
+
+
+def test_bad_images_at_extraction_are_counted_once_or_stop_in_one_line(extracted, tmp_path, capsys):
+    root = str(tmp_path / "synthetic")
+    shutil.copytree(extracted.train_data[0]["data_root"], root)
+    spec = dict(extracted.train_data[0], data_root=root, image_dir=os.path.join(root, "images"))
+    broken = sorted(os.listdir(spec["image_dir"]))[0]
+    with open(os.path.join(spec["image_dir"], broken), "wb") as f:
+        f.write(b"not a png")
+    cfg = dataclasses.replace(extracted, cache_dir=str(tmp_path / "cache"), train_data=[spec], val_data=[])
+    with pytest.raises(SystemExit, match=f"^data error: [^\\n]*{broken} \\(image_id .*UnidentifiedImageError[^\\n]*$"):
+        cache.main(cfg)
+    capsys.readouterr()
+    cache.main(dataclasses.replace(cfg, skip_bad=True))
+    out = capsys.readouterr().out
+    assert "skipping" not in out and len(re.findall(r"skipped \d+ unreadable sequence", out)) == 1, out
+    assert re.search(rf"skipped [1-9]\d* unreadable sequence\(s\) \(skip_bad=true\), e.g. .*{broken}", out)
+
+
+def test_eval_scores_a_cached_run_from_its_cache(extracted, tmp_path, monkeypatch, capsys):
+    """eval.py --cache reads the run's cache_dir: the same numbers as the run's final table, no VLM loaded."""
+    import eval as evaluation
+    cfg = dataclasses.replace(extracted, out_dir=str(tmp_path / "run"), max_steps=2, vis_samples=0)
+    metrics, _ = train.train(cfg, torch.device("cpu"))
+    monkeypatch.setattr(build, "build_qwen", lambda *a: pytest.fail("the VLM loaded for eval --cache"))
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--cache", "--out",
+                                      str(tmp_path / "m.json")])
+    evaluation.main()
+    results = json.load(open(tmp_path / "m.json"))["results"]
+    assert results.keys() == metrics.keys() and all(results[k] == pytest.approx(metrics[k]) for k in metrics)
