@@ -162,7 +162,10 @@ def load_config(path=None, overrides=()):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"override {item!r} is not key=value")
-        over[key] = _yaml(value)
+        try:
+            over[key] = _yaml(value)
+        except yaml.YAMLError as e:  # e.g. head={base: 8 (the shell split an unquoted value at its space)
+            raise SystemExit(f"command line: {item!r} is not a YAML value ({e.problem}); quote it: '{key}={{...}}'")
     return config_from_dict({**raw, **over}, f"command line {list(overrides)}" if over else path or "defaults")
 
 

@@ -300,7 +300,8 @@ def _check_disk(cfg, settings, rates, todo, shard_size):
 
 
 def extract_all(cfg, rank=0, world=1, device=torch.device("cpu"), shard_size=SHARD_SIZE):
-    """Extract cfg.train_data and cfg.val_data (the standard protocol's sequences: one sentence each) into
+    """Extract cfg.train_data, cfg.val_data and cfg.test_data (the standard protocol's sequences: one sentence each;
+    test_data for eval.py --cache) into
     cfg.cache_dir. Shard k holds a fixed range of sequences and rank r writes the shards k = r (mod world), so the
     files are the same for any world size; complete shards are skipped, so a rerun continues where a kill stopped.
     The VLM loads only on a rank that has a shard to write. world > 1 needs the torchrun process group."""
@@ -308,7 +309,7 @@ def extract_all(cfg, rank=0, world=1, device=torch.device("cpu"), shard_size=SHA
         raise SystemExit("cache.py needs cache_dir=<folder>: where the frozen outputs are written")
     if world > 1 and not dist.is_initialized():
         raise ValueError("extract_all(world > 1) needs the torchrun process group (build.init_distributed)")
-    specs = list({data.spec_name(s): s for s in cfg.train_data + cfg.val_data}.items())  # each split once
+    specs = list({data.spec_name(s): s for s in cfg.train_data + cfg.val_data + cfg.test_data}.items())  # each once
     build.check_data(cfg, [s for _, s in specs])
     standard = dataclasses.replace(cfg, protocol="standard")
     meta_path = os.path.join(cfg.cache_dir, "meta.json")

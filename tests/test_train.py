@@ -541,6 +541,8 @@ def test_config_errors_name_the_block_and_the_culprit(tmp_path):
     with pytest.raises(SystemExit, match=f"^{re.escape(str(cfg_file))}: unknown config keys"):
         build.load_config(str(cfg_file), ["lr=0.1"])
     assert build.load_config(None, ["cache_dir="]).cache_dir == ""  # online training, spelt the obvious way
+    with pytest.raises(SystemExit, match=r"command line: 'head=\{base:' is not a YAML value"):
+        build.load_config(None, ["head={base:", "8}"])  # what an unquoted head={base: 8} reaches us as
 
 
 def test_a_missing_model_is_one_line(tmp_path):
