@@ -43,8 +43,8 @@ class GroundingDataset(EpochDraws):
     (K, H, W) at the stored size, and per phrase
     the lists `phrases`, `ids`, `supervised`, `no_target`, `isthing`, `plural`; plus `image_id`, `file_name`.
     The sentence drawn for an object with several depends only on (seed, epoch, index): a resumed run sees the same.
-    With skip_bad, an unreadable sample is {"bad": path} (dropped and listed by `collate_skip`); items whose files
-    are missing are left out at construction and listed in `self.skipped`."""
+    With skip_bad, an unreadable sample is {"bad": message naming the file} (dropped and listed by `collate_skip`);
+    items whose files are missing are left out at construction and listed in `self.skipped`."""
 
     def __init__(self, items, tokenizer, *, image_dir, image_settings=None, max_length=None, sep="\n", seed=0,
                  skip_bad=False, skipped=None, constant_phrase=None, layout="image", pack_tokens=0, sam_size=0):
@@ -90,8 +90,7 @@ class GroundingDataset(EpochDraws):
             msg = f"{path} (image_id {item['image_id']}, ids {self._ids(item)}): {type(e).__name__}: {e}"
             if not self.skip_bad:
                 raise DataError(msg) from e
-            print(f"skipping sample: {msg}")
-            return dict(bad=path)  # collate_skip drops it and reports the file
+            return dict(bad=msg)  # collate_skip drops it; the caller counts and reports the messages once
 
     def _sample(self, item, path, picks):
         H, W = item["height"], item["width"]

@@ -7,6 +7,7 @@ Grounder, the datasets and loaders, the torchrun setup and the checkpoint reader
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -75,7 +76,8 @@ class Config:
     warmup: float = 0.03  # fraction of the steps with linear warm-up, then cosine to 0
     grad_clip: float = 1.0
     seed: int = 0
-    threads: int = 0  # torch CPU threads (0: torch's default); 1 is often fastest for tiny models on small CPUs
+    threads: int = 0  # torch CPU threads (0: torch's default); 1 is often fastest for tiny models on small CPUs.
+    # OMP_NUM_THREADS in the environment wins (torchrun sets it to 1 per rank; set it yourself on a busy machine)
     # bookkeeping
     out_dir: str = "out/refcoco"
     resume: bool = False  # continue from out_dir/ckpt.pt (same data order, RNG, optimizer, step); an error if none
@@ -104,8 +106,19 @@ def _yaml(text):
     return yaml.load(text, Loader=_StrictBoolLoader)
 
 
+def _keywords(fn, *computed):
+    return sorted(set(inspect.signature(fn).parameters) - set(computed))
+
+
+# The keys each nested block takes: the keyword arguments of what it configures, less those computed from the VLM.
+NESTED = dict(head=_keywords(heads.MaskHead.__init__, "self", "in_channels", "vision_channels", "token_px"),
+              tiny_model=_keywords(synthetic.build_tiny_qwen, "out_dir", "texts"),
+              synthetic=_keywords(synthetic.make_synthetic), refiner=["sam", "text_layers"], selector=["layers", "width"])
+
+
 def config_from_dict(raw, where="config"):
-    """dict -> Config. Unknown keys and values of the wrong type are errors; 1e-4 (a string to PyYAML) is coerced."""
+    """dict -> Config. Unknown keys (also inside the nested blocks, NESTED) and values of the wrong type are errors;
+    1e-4 (a string to PyYAML) is coerced; an empty value of a string (`cache_dir=`) is the empty string."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
@@ -113,6 +126,8 @@ def config_from_dict(raw, where="config"):
     defaults, out = Config(), {}
     for key, value in raw.items():
         kind = type(getattr(defaults, key))
+        if kind is str and value is None:  # `cache_dir=` on the command line, `cache_dir:` in YAML
+            value = ""
         if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
             try:
                 value = float(value)
@@ -122,8 +137,12 @@ def config_from_dict(raw, where="config"):
             value = tuple(value)
         if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
             raise SystemExit(f"{where}: {key} must be {kind.__name__}, got {value!r}")
+        if key in NESTED and set(value) - set(NESTED[key]):
+            raise SystemExit(f"{where}: {key} takes the keys {NESTED[key]}; unknown: {sorted(set(value) - set(NESTED[key]))}")
         out[key] = value
     cfg = Config(**out)
+    if cfg.refiner and "sam" not in cfg.refiner:
+        raise SystemExit(f"{where}: refiner needs sam (a Hub id, a local dir, tiny or synthetic), got {cfg.refiner}")
     if cfg.dtype not in DTYPES:
         raise SystemExit(f"{where}: dtype must be one of {DTYPES}, got {cfg.dtype!r}")
     if cfg.layout not in ("image", "sentence"):
@@ -137,17 +156,23 @@ def config_from_dict(raw, where="config"):
 
 
 def load_config(path=None, overrides=()):
-    """YAML file + key=value overrides (values parsed as YAML, booleans only as true/false) -> Config."""
+    """YAML file + key=value overrides (values parsed as YAML, booleans only as true/false) -> Config. The file is
+    checked alone first, so that an error the overrides bring is blamed on the command line."""
     raw = {}
     if path:
         with open(path) as f:
             raw = _yaml(f) or {}
+        config_from_dict(raw, path)
+    over = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"override {item!r} is not key=value")
-        raw[key] = _yaml(value)
-    return config_from_dict(raw, path or "overrides")
+        try:
+            over[key] = _yaml(value)
+        except yaml.YAMLError as e:  # e.g. head={base: 8 (the shell split an unquoted value at its space)
+            raise SystemExit(f"command line: {item!r} is not a YAML value ({e.problem}); quote it: '{key}={{...}}'")
+    return config_from_dict({**raw, **over}, f"command line {list(overrides)}" if over else path or "defaults")
 
 
 def print0(*args, **kwargs):
@@ -174,14 +199,31 @@ def start_job(cfg):
     """What every job script does first: torchrun setup (init_distributed), cfg.threads, and the synthetic data
     (written once, by rank 0, the others waiting) when the config uses it -> (rank, world, device)."""
     rank, world, device = init_distributed()
-    if cfg.threads:
+    if cfg.threads and "OMP_NUM_THREADS" not in os.environ:  # the launcher's (or the user's) choice wins
         torch.set_num_threads(cfg.threads)
     if cfg.synthetic:
         if rank == 0:
             synthetic.make_synthetic(**cfg.synthetic)
         if world > 1:
             dist.barrier()
+    prepare_sam(cfg)
     return rank, world, device
+
+
+def print_config(cfg):
+    """The resolved config as YAML on rank 0: the first thing a job prints (train.py, cache.py)."""
+    print0(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
+
+
+@contextlib.contextmanager
+def one_line_data_errors():
+    """A strict data error (data.DataError: the file and sample are in its message) ends the job in one line, not a
+    traceback; from a DataLoader worker the message carries the worker's traceback, whose last line is the error."""
+    try:
+        yield
+    except data.DataError as e:
+        last = [line for line in str(e).splitlines() if line.strip()][-1]
+        raise SystemExit(f"data error: {last.split('DataError: ', 1)[-1]} (skip_bad=true skips and counts such samples)")
 
 
 def autocast_for(cfg, device):
@@ -204,13 +246,19 @@ def qwen_path(cfg):
             synthetic.build_tiny_qwen(path, synthetic.synthetic_texts(), **cfg.tiny_model)
         if dist.is_initialized():
             dist.barrier()
+    elif not os.path.isdir(path) and (os.path.isabs(path) or path.startswith(".") or path.count("/") != 1):
+        raise SystemExit(f"model={path}: no such directory (and not a Hub id, which is owner/name)")
     return path
 
 
 def build_qwen(cfg, device):
     """The frozen VLM and its tokenizer (from qwen_path)."""
     dtype = getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32
-    return model.load_qwen(qwen_path(cfg), dtype=dtype, device=device, shard=cfg.shard)
+    path = qwen_path(cfg)
+    try:
+        return model.load_qwen(path, dtype=dtype, device=device, shard=cfg.shard)
+    except OSError as e:  # a Hub id that does not exist or cannot be fetched (offline)
+        raise SystemExit(f"model={path}: cannot load it ({str(e).splitlines()[0]})")
 
 
 def vlm_signature(config):
@@ -231,6 +279,30 @@ def image_settings(cfg, tokenizer=None):
     return {**base, **overrides}
 
 
+def sam_path(cfg):
+    """The SAM checkpoint cfg.refiner names: its `sam`, or for "tiny" / "synthetic" the demo's folder under the
+    synthetic root (prepare_sam writes it)."""
+    sam = cfg.refiner["sam"]
+    return os.path.join(cfg.synthetic.get("root", "data/synthetic"), f"{sam}_sam") if sam in ("tiny", "synthetic") else sam
+
+
+def prepare_sam(cfg):
+    """Write the demo's SAM once when the config names one (refiner.sam tiny: random; synthetic: trained on the
+    synthetic masks, ~1 min), on rank 0 while the others wait. start_job calls it; a Hub id or a folder is left alone."""
+    if not cfg.refiner or cfg.refiner["sam"] not in ("tiny", "synthetic"):
+        return
+    path = sam_path(cfg)
+    if not os.path.exists(os.path.join(path, "config.json")) and int(os.environ.get("RANK", 0)) == 0:
+        if cfg.refiner["sam"] == "tiny":
+            refiner.build_tiny_sam(path)
+        else:
+            root = cfg.synthetic.get("root", "data/synthetic")
+            print(f"training the demo's tiny SAM on {root}'s training masks from box prompts (once) -> {path}")
+            synthetic.build_synthetic_sam(path, root)
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def grounder_kwargs(cfg, config):
     """The constructor arguments of the trainable modules for this VLM's config (`qwen.config`, or a cache's
     `cache.model_config`; saved in the checkpoint)."""
@@ -240,31 +312,15 @@ def grounder_kwargs(cfg, config):
                 token_px=vision.patch_size * vision.spatial_merge_size, **cfg.head)
     refine = None
     if cfg.refiner:
-        unknown = sorted(set(cfg.refiner) - {"sam", "text_layers"})
-        if unknown or "sam" not in cfg.refiner:
-            raise SystemExit(f"refiner: needs sam (a Hub id, a local dir, tiny or synthetic) and optionally text_layers; got "
-                             f"{cfg.refiner}")
-        sam = cfg.refiner["sam"]
-        if sam in ("tiny", "synthetic"):  # random, or the demo's (trained on the synthetic world): written once
-            root = cfg.synthetic.get("root", "data/synthetic")
-            sam = os.path.join(root, f"{sam}_sam")
-            if not os.path.exists(os.path.join(sam, "config.json")) and int(os.environ.get("RANK", 0)) == 0:
-                if sam.endswith("tiny_sam"):
-                    refiner.build_tiny_sam(sam)
-                else:
-                    print(f"training the demo's tiny SAM on {root}'s training masks from box prompts (once) -> {sam}")
-                    synthetic.build_synthetic_sam(sam, root)
-            if dist.is_initialized():
-                dist.barrier()
+        sam = sam_path(cfg)
         layers = cfg.refiner.get("text_layers", 0) or text.num_hidden_layers
         if not 0 < layers <= text.num_hidden_layers:
             raise SystemExit(f"refiner.text_layers must be in 1..{text.num_hidden_layers} (0 = all), got {layers}")
         refine = dict(sam=sam, hidden_size=text.hidden_size, text_layers=layers)
     kwargs = dict(head=head, refiner=refine)
     if cfg.selector:  # the key only with a selector: older checkpoints' kwargs stay equal (resume compares them)
-        unknown = sorted(set(cfg.selector) - {"layers", "width"})
         layers = cfg.selector.get("layers", 0) or text.num_hidden_layers
-        if unknown or not 0 < layers <= text.num_hidden_layers:
+        if not 0 < layers <= text.num_hidden_layers:
             raise SystemExit(f"selector: takes layers (1..{text.num_hidden_layers}, 0 = all) and width; got "
                              f"{cfg.selector}")
         kwargs["selector"] = dict(hidden_size=text.hidden_size, layers=layers, width=cfg.selector.get("width", 128))
@@ -384,7 +440,11 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such checkpoint")
     if not zipfile.is_zipfile(path):
-        raise SystemExit(f"{path}: not a train.py checkpoint (not a torch zip file; is it a config or an image?)")
+        with open(path, "rb") as f:
+            zip_start = f.read(4) == b"PK\x03\x04"  # a zip's first entry, but no directory at the end
+        raise SystemExit(f"{path}: " + ("truncated: a torch zip file without its end (an interrupted copy or write?)"
+                                        if zip_start else "not a train.py checkpoint (not a torch zip file; is it a "
+                                                          "config or an image?)"))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError) as e:  # truncated or from another program

@@ -300,7 +300,8 @@ def _check_disk(cfg, settings, rates, todo, shard_size):
 
 
 def extract_all(cfg, rank=0, world=1, device=torch.device("cpu"), shard_size=SHARD_SIZE):
-    """Extract cfg.train_data and cfg.val_data (the standard protocol's sequences: one sentence each) into
+    """Extract cfg.train_data, cfg.val_data and cfg.test_data (the standard protocol's sequences: one sentence each;
+    test_data for eval.py --cache) into
     cfg.cache_dir. Shard k holds a fixed range of sequences and rank r writes the shards k = r (mod world), so the
     files are the same for any world size; complete shards are skipped, so a rerun continues where a kill stopped.
     The VLM loads only on a rank that has a shard to write. world > 1 needs the torchrun process group."""
@@ -308,7 +309,7 @@ def extract_all(cfg, rank=0, world=1, device=torch.device("cpu"), shard_size=SHA
         raise SystemExit("cache.py needs cache_dir=<folder>: where the frozen outputs are written")
     if world > 1 and not dist.is_initialized():
         raise ValueError("extract_all(world > 1) needs the torchrun process group (build.init_distributed)")
-    specs = list({data.spec_name(s): s for s in cfg.train_data + cfg.val_data}.items())  # each split once
+    specs = list({data.spec_name(s): s for s in cfg.train_data + cfg.val_data + cfg.test_data}.items())  # each once
     build.check_data(cfg, [s for _, s in specs])
     standard = dataclasses.replace(cfg, protocol="standard", pack_tokens=0)  # one item per sentence
     meta_path = os.path.join(cfg.cache_dir, "meta.json")
@@ -377,7 +378,7 @@ def _extract(cfg, qwen, tokenizer, grounder, todo, mine, shard_size, device, ran
     standard = dataclasses.replace(cfg, protocol="standard", pack_tokens=0)
     bar = tqdm(total=sum(min(shard_size, len(todo[name][1]) - k * shard_size) for name, ks in mine.items() for k in ks),
                disable=rank != 0, unit="seq", dynamic_ncols=True, file=sys.stdout, mininterval=2)
-    checked = False
+    checked, skipped = False, []
     for name, shards in mine.items():
         if not shards:
             continue
@@ -399,8 +400,11 @@ def _extract(cfg, qwen, tokenizer, grounder, todo, mine, shard_size, device, ran
                         _check_disk(cfg, build.image_settings(cfg, tokenizer), rates, todo, shard_size)
                     bar.update(len(frozen["maps"]))
                 writer.index["skipped"] += batch["skipped"]
+                skipped += batch["skipped"]
             writer.close()
     bar.close()
+    if skipped:  # once, after the bar (skip_bad): the sequences of unreadable images are not in the cache
+        print(f"rank {rank}: skipped {len(skipped)} unreadable sample(s) (skip_bad=true), e.g. {skipped[0]}")
 
 
 def _per_sentence(batch, frozen):
@@ -422,9 +426,11 @@ def _per_sentence(batch, frozen):
 
 def main(cfg, shard_size=SHARD_SIZE):
     rank, world, device = build.start_job(cfg)
+    build.print_config(cfg)
     try:
         t0 = time.time()
-        extract_all(cfg, rank, world, device, shard_size)
+        with build.one_line_data_errors():
+            extract_all(cfg, rank, world, device, shard_size)
         print0(f"extracted in {time.time() - t0:.0f} s")
     finally:
         if world > 1:

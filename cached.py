@@ -79,8 +79,7 @@ class CachedDataset(batching.EpochDraws):
             msg = f"{self.folder}: phrases {missing} of {item['file_name']} (image {item['image_id']}) are not cached"
             if not self.skip_bad:
                 raise data.DataError(msg)
-            print(f"skipping sample: {msg}")
-            return dict(bad=os.path.join(self.image_dir, item["file_name"]))
+            return dict(bad=msg)  # counted and reported once by the caller, as online
         gt = data.item_targets(item)  # (K, H, W)
         rows = [self.where[i] for i in ids]
         k, row = rows[0]

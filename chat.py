@@ -9,7 +9,8 @@ turn gives the attention maps of the chosen phrases, the trained head (+ refiner
     torchrun --nproc_per_node=8 chat.py --ckpt out/x/ckpt.pt --reasonseg data/ReasonSeg/val   # gIoU / cIoU
 
 Phrases: --phrases chosen by hand, else the checkpoint's learned selector (config `selector`), which tags the answer
-tokens from the same forward. Generation is transformers' own `generate` (greedy unless --do_sample); the attention
+tokens from the same forward. Without a selector and without --phrases the answer is printed with a line saying how
+to ground its phrases (--answer "..." --phrases "..."). Generation is transformers' own `generate` (greedy unless --do_sample); the attention
 functions load_qwen installs compute exactly stock SDPA when nothing is captured (tests/test_chat.py checks it).
 """
 import argparse
@@ -31,9 +32,10 @@ import refiner
 import selector as selection
 
 COT_PROMPT = "{question} Answer with the name of the object only, in a few words."  # F-LMM's visual chain-of-thought
-# distinct colours for up to 10 phrases (matplotlib tab10, its grey replaced: the legend text is grey-black)
-PALETTE = np.array([(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-                    (227, 119, 194), (128, 0, 0), (188, 189, 34), (23, 190, 207)], np.uint8)
+# One colour per phrase (cycled after 8), none of them a synthetic object's (red, green, blue, yellow, purple; every
+# one >= 90 apart in RGB) nor the light grey background, as eval.py's overlays: a tint never reads as another object.
+PALETTE = np.array([(0, 230, 230), (255, 0, 255), (0, 0, 0), (255, 150, 200), (0, 0, 110), (120, 70, 20),
+                    (110, 110, 0), (170, 255, 0)], np.uint8)  # cyan magenta black pink navy brown olive lime
 
 
 # ------------------------------------------------------------------------------------------------ answer
@@ -244,6 +246,9 @@ def main():
     if args.reasonseg:
         records = data.load_reasonseg(args.reasonseg)
     else:
+        empty = [f"--{k}" for k in ("ask", "answer", "text") if getattr(args, k) is not None and not getattr(args, k).strip()]
+        if empty:
+            raise SystemExit(f"{', '.join(empty)}: empty; give the question, answer or text itself")
         if not args.image or not (args.ask or args.text or args.answer):
             raise SystemExit("give --image with --ask (chat), --answer (a given answer) or --text (ground a text)")
         if args.text is not None and (args.ask or args.answer or args.phrases):
@@ -252,8 +257,6 @@ def main():
     phrases = [p.strip() for p in args.phrases.split(",") if p.strip()] if args.phrases else None
     if args.phrases is not None and not phrases:
         raise SystemExit(f"--phrases {args.phrases!r}: no phrase in it")
-    if phrases is None and args.text is None and not args.reasonseg and "selector" not in ckpt["grounder_kwargs"]:
-        raise SystemExit(f"{args.ckpt} has no phrase selector (train with selector: {{}} set): give --phrases")
     cfg = build.config_from_dict(ckpt["config"], args.ckpt)
 
     rank, world, device = build.init_distributed()
@@ -290,6 +293,11 @@ def main():
                                  do_sample=args.do_sample, **sampling)
     if not answer.strip():
         raise SystemExit(f"the answer is empty: nothing to ground (question {question!r})")
+    if phrases is None and grounder.selector is None:  # answer first, always; grounding needs the phrases
+        print(f"Q: {question}\nA: {answer}")
+        print(f"{args.ckpt} has no phrase selector (train one with selector: {{layers: 0}}): to ground phrases of this "
+              f"answer, rerun with --answer {json.dumps(answer)} --phrases \"<phrase>,<phrase>\"")
+        return
     try:
         (res,) = ground(qwen, grounder, tokenizer, settings, [image], [question], [answer],
                         None if phrases is None else [phrases])
@@ -303,6 +311,8 @@ def main():
     print(f"Q: {question}\nA: {marked(answer, res['spans'])}")
     for k, (phrase, m) in enumerate(zip(grounded, res["masks"], strict=True)):
         print(f"  ({k + 1}) {phrase!r}: {int(m.sum())} pixels")
+    if not grounded:
+        print("  nothing grounded: the selector tagged no phrase of the answer (choose some with --phrases)")
     print(f"picture: {out_path}")
 
 

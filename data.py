@@ -58,6 +58,9 @@ def _ref_records(refs, refs_path, instances_path, split, skip_bad, skipped):
     start, instances = len(skipped), _load_json(instances_path)
     images = {im["id"]: im for im in instances["images"]}
     anns = {a["id"]: a for a in instances["annotations"]}
+    splits = sorted({ref["split"] for ref in refs})
+    if split not in splits:  # a typo (split: trian) would otherwise be an empty dataset
+        raise DataError(f"{refs_path}: no split {split!r}; its splits are {splits}")
     records = []
     for ref in refs:
         if ref["split"] != split:  # exact: "testA" is not "test"

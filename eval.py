@@ -5,6 +5,7 @@
     python eval.py --ckpt out/refcoco/ckpt.pt --image photo.jpg --text "the dog on the left"
     python eval.py --ckpt out/refcoco/ckpt.pt --image photo.jpg --text "the dog" --maps maps.png  # what it attends to
     python eval.py --ckpt exported_dir_or_hub_id                        # export.py's output works wherever ckpt.pt does
+    python eval.py --ckpt out/demo/ckpt.pt --cache --split synthetic_val     # from the run's cache_dir, no VLM
     torchrun --nproc_per_node=8 eval.py --ckpt out/refcoco/ckpt.pt      # per-phrase results gathered over ranks
 
 Predictions are upsampled from the resized image to the original size; a pixel is in the mask when sigmoid > 0.5.
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
 import build
+import cache
+import cached
 import data
 import head as heads
 import model
@@ -113,15 +116,17 @@ def gt_sizes(batch):
     return [tuple(m.shape[-2:]) for m in batch["gt_masks"]]
 
 
+ROW = dict(final="{split}", coarse="{split} (U-Net only)")  # the table row of each kind of mask (predict_kinds)
+
+
 @torch.no_grad()
 def evaluate(qwen, grounder, loader, device, kind="refer", autocast=contextlib.nullcontext(), max_batches=0,
-             coarse=False, with_coarse=False):
-    """Score the loader's dataset (every rank its shard, results gathered) -> the metrics of its kind:
-    refer: cIoU, mIoU, P@t; grefcoco: also N-acc / T-acc; png: average recall overall and per group.
-    with_coarse: (final metrics, the U-Net's metrics), both from the same forwards."""
+             kinds=("final",)):
+    """Score the loader's dataset (every rank its shard, results gathered) -> {mask kind: metrics}, one entry per
+    kind in `kinds` (predict_kinds: "final", "coarse"), all from the same forwards. The metrics of the dataset's
+    `kind`: refer: cIoU, mIoU, P@t; grefcoco: also N-acc / T-acc; png: average recall overall and per group."""
     was_training = grounder.training
     grounder.eval()
-    kinds = ("coarse",) if coarse else ("final", "coarse") if with_coarse else ("final",)
     rows, spans = {k: [] for k in kinds}, []  # per phrase: (I, U, flags, predicted pixels); per sequence: spans
     batches = min(max_batches or len(loader), len(loader))
     lockstep = sharded(qwen)
@@ -154,15 +159,22 @@ def evaluate(qwen, grounder, loader, device, kind="refer", autocast=contextlib.n
         dist.all_gather_object(gathered, spans)
         spans = [c for part in gathered for c in part]
     grounder.train(was_training)
-    metrics = [summarize(rows[k], kind, spans) for k in kinds]
-    return tuple(metrics) if with_coarse else metrics[0]
+    return {k: summarize(rows[k], kind, spans) for k in kinds}
 
 
-def evaluate_all(qwen, grounder, loaders, device, autocast=contextlib.nullcontext(), max_batches=0, coarse=False,
-                 with_coarse=False):
-    """{split: (loader, spec)} -> {split: metrics} (with_coarse: each split's metrics a (final, U-Net) pair)."""
-    return {name: evaluate(qwen, grounder, loader, device, spec["kind"], autocast, max_batches, coarse, with_coarse)
-            for name, (loader, spec) in loaders.items()}
+def evaluate_all(qwen, grounder, loaders, device, autocast=contextlib.nullcontext(), max_batches=0, kinds=("final",)):
+    """{split: (loader, spec)} -> {table row: metrics}: per split one row per kind of mask, named by ROW ("<split>"
+    for the final masks, "<split> (U-Net only)" for the coarse ones)."""
+    return {ROW[k].format(split=name): m for name, (loader, spec) in loaders.items()
+            for k, m in evaluate(qwen, grounder, loader, device, spec["kind"], autocast, max_batches, kinds).items()}
+
+
+def mask_kinds(grounder, coarse=False):
+    """What a run reports: with a refiner its refined masks and the U-Net's (F-LMM's ablation in one table), or only
+    the U-Net's (coarse); without one, the U-Net's masks are the final ones."""
+    if coarse:
+        return ("coarse",)
+    return ("final", "coarse") if getattr(grounder, "module", grounder).refiner is not None else ("final",)
 
 
 def summarize(rows, kind="refer", spans=()):
@@ -225,11 +237,12 @@ def baselines_table(specs, protocol, seed, ours, constant=None):
     table = {}
     for spec in specs:
         name = data.spec_name(spec)
-        table[f"{name} (ours)"] = ours[name]
-        if f"{name} (U-Net only)" in ours:  # the refiner's run: its U-Net's own masks too
-            table[f"{name} (ours, U-Net only)"] = ours[f"{name} (U-Net only)"]
+        for kind, tag in (("final", ""), ("coarse", ", U-Net only")):  # a refiner's run: its U-Net's own masks too
+            if ROW[kind].format(split=name) in ours:
+                table[f"{name} (ours{tag})"] = ours[ROW[kind].format(split=name)]
         if constant is not None:
-            table[f"{name} (constant phrase)"] = constant[name]
+            table[f"{name} (constant phrase)"] = next(constant[ROW[k].format(split=name)] for k in ROW
+                                                      if ROW[k].format(split=name) in constant)
         if spec["kind"] == "refer":
             table[f"{name} (random object)"] = random_object_metrics(spec, protocol, seed)
     print_table(table)
@@ -286,9 +299,10 @@ def sharded(qwen):
         type(p).__name__ == "DTensor" for p in qwen.parameters())
 
 
-def write_overlays(qwen, grounder, loader, n, folder, device, autocast=contextlib.nullcontext()):
-    """One PNG per phrase (expression, prediction, truth) for the first n distinct images of a loader's dataset.
-    Written by rank 0; with a sharded VLM every rank must call it (they all run the same forwards)."""
+def write_overlays(qwen, grounder, loader, n, folder, device, autocast=contextlib.nullcontext(), coarse=False):
+    """One PNG per phrase (expression, prediction, truth) for the first n distinct images of a loader's dataset
+    (coarse: the U-Net's masks). Written by rank 0; with a sharded VLM every rank must call it (they all run the
+    same forwards)."""
     dataset, save = loader.dataset, int(os.environ.get("RANK", 0)) == 0
     os.makedirs(folder, exist_ok=True)
     seen = set()
@@ -303,7 +317,7 @@ def write_overlays(qwen, grounder, loader, n, folder, device, autocast=contextli
         seen.add(batch["image_id"][0])
         batch = model.to_device(batch, device)
         with autocast:
-            preds = predict(qwen, grounder, batch, gt_sizes(batch))
+            preds = predict(qwen, grounder, batch, gt_sizes(batch), coarse)
         if not save:
             continue
         with Image.open(os.path.join(dataset.image_dir, batch["file_name"][0])) as f:
@@ -318,12 +332,7 @@ def report(qwen, grounder, loaders, device, autocast, out_dir, vis=0, writer=Non
     """The end of a run (train.py) or of eval.py: score every split, print the table, write metrics.json and
     overlays of `vis` scenes of the first split (rank 0), return {split: metrics}. With a refiner also the U-Net's
     own masks, as "<split> (U-Net only)": F-LMM's ablation in one table."""
-    if getattr(grounder, "module", grounder).refiner is not None and not coarse:  # both from the same forwards
-        pairs = evaluate_all(qwen, grounder, loaders, device, autocast, with_coarse=True)
-        metrics = {k: v for name, (final, unet) in pairs.items()
-                   for k, v in ((name, final), (f"{name} (U-Net only)", unet))}
-    else:
-        metrics = evaluate_all(qwen, grounder, loaders, device, autocast, coarse=coarse)
+    metrics = evaluate_all(qwen, grounder, loaders, device, autocast, kinds=mask_kinds(grounder, coarse))
     if int(os.environ.get("RANK", 0)) != 0:
         if sharded(qwen):  # rank 0 writes the overlays, but every rank must join their forwards
             for name, (loader, _) in list(loaders.items())[:1] if vis else []:
@@ -345,17 +354,18 @@ def report(qwen, grounder, loaders, device, autocast, out_dir, vis=0, writer=Non
 
 # ------------------------------------------------------------------------------------------- command line
 
-def load_run(ckpt_path, device, model=None):
+def load_run(ckpt_path, device, model=None, cached=False):
     """Checkpoint (a ckpt.pt, an export.py directory or a Hub id holding one) -> (qwen, grounder, tokenizer, Config):
     the VLM named in the saved config (or `model`, a local copy of it: another VLM is refused, naming both), the
-    trained modules from the checkpoint."""
+    trained modules from the checkpoint. cached: no VLM (qwen and tokenizer None), the frozen outputs come from the
+    run's cache_dir."""
     ckpt = build.load_checkpoint(ckpt_path)
     cfg = build.config_from_dict(ckpt["config"], ckpt_path)
     if model is not None or "base_vlm" in ckpt:  # checked from config.json files before any weights load
         given = build.base_vlm(dataclasses.replace(cfg, model=model or cfg.model))
         build.check_base_vlm(ckpt.get("base_vlm") or build.base_vlm(cfg), given, ckpt_path)
         cfg.model = given["name"]
-    qwen, tokenizer = build.build_qwen(cfg, device)
+    qwen, tokenizer = (None, None) if cached else build.build_qwen(cfg, device)
     grounder = heads.load_state(build.build_grounder(ckpt["grounder_kwargs"], device), ckpt["grounder"], ckpt_path)
     return qwen, grounder.eval(), tokenizer, cfg
 
@@ -403,7 +413,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a ckpt.pt, an export.py directory or a Hub id holding one")
     parser.add_argument("--model", help="a local copy of the checkpoint's base VLM to load instead (another is refused)")
-    parser.add_argument("--split", nargs="*", help="names of the config's test_data splits to score (default all)")
+    parser.add_argument("--split", nargs="*", help="names of the run's test_data splits to score (default all): "
+                        "<dataset>_<split> as the tables print them, e.g. refcoco_testA, refcocog_umd_val")
     parser.add_argument("--protocol", choices=["standard", "flmm"], help="default: the run's config")
     parser.add_argument("--out", help="write the metrics as JSON here (with --image: the overlay PNG)")
     parser.add_argument("--vis", type=int, default=0, help="write overlay PNGs of this many scenes per split")
@@ -414,6 +425,8 @@ def main():
     parser.add_argument("--image", help="predict one picture (with --text) and write an overlay PNG")
     parser.add_argument("--text", help="the expression to ground in --image")
     parser.add_argument("--maps", help="with --image/--text: also draw the attention maps the head reads to this PNG")
+    parser.add_argument("--cache", action="store_true",
+                        help="read the frozen outputs from the run's cache_dir (no VLM; the splits must be in it)")
     args = parser.parse_args()
     # everything that can be checked without the model, before it loads
     ckpt = build.load_checkpoint(args.ckpt)
@@ -421,23 +434,33 @@ def main():
     if args.image is not None:
         if args.text is None or not args.text.strip():
             raise SystemExit(f"--image needs a non-empty --text (the expression to ground), got {args.text!r}")
+        if args.split or args.cache or args.vis:
+            raise SystemExit("--image grounds one picture: --split, --cache and --vis do not apply to it")
         image = open_image(args.image)
         out_path = args.out or os.path.join(
             out_dir, f"{os.path.splitext(os.path.basename(args.image))[0]}_{_slug(args.text)}.png")
     elif args.text is not None or args.maps is not None:
         raise SystemExit("--text and --maps need --image: the picture to ground the text in")
+    if args.coarse and not ckpt["grounder_kwargs"]["refiner"]:
+        raise SystemExit(f"--coarse: {args.ckpt} has no refiner, its masks are the U-Net's already; drop --coarse")
     cfg = build.config_from_dict(ckpt["config"], args.ckpt)
     cfg.protocol = args.protocol or cfg.protocol
     cfg.batch_size = args.batch_size or cfg.batch_size
+    known = [data.spec_name(s) for s in cfg.test_data or cfg.val_data]
+    unknown = [name for name in args.split or [] if name not in known]
+    if unknown:
+        raise SystemExit(f"--split {unknown}: not among the run's {'test' if cfg.test_data else 'val'}_data splits "
+                         f"{known}")
     specs = [s for s in cfg.test_data or cfg.val_data if not args.split or data.spec_name(s) in args.split]
-    if not specs and args.image is None:
-        known = [data.spec_name(s) for s in cfg.test_data or cfg.val_data]
-        raise SystemExit(f"--split {args.split}: none of the run's splits {known}")
+    if args.cache:
+        if not cfg.cache_dir:
+            raise SystemExit(f"--cache: {args.ckpt} was trained online (no cache_dir in its config)")
+        cache.check_cache(cfg, specs)
     if args.image is None:
         build.check_data(cfg, specs)
 
     rank, world, device = build.init_distributed()
-    qwen, grounder, tokenizer, _ = load_run(args.ckpt, device, model=args.model)
+    qwen, grounder, tokenizer, _ = load_run(args.ckpt, device, model=args.model, cached=args.cache)
     if args.image is not None:
         mask = predict_image(qwen, grounder, tokenizer, cfg, image, args.text, device, out_path)
         print(f"{args.image}: {int(mask.sum())} pixels for {args.text!r} -> {out_path}")
@@ -448,19 +471,21 @@ def main():
             print(f"attention maps: {args.maps}")
         return
     autocast = build.autocast_for(cfg, device)
-    loaders = build.build_val_loaders(cfg, tokenizer, specs, build.sam_size(grounder))
-    results = evaluate_all(qwen, grounder, loaders, device, autocast, coarse=args.coarse)
+    kinds = ("coarse",) if args.coarse else ("final",)
+    loaders = (cached.build_val_loaders(cfg, specs) if args.cache else
+               build.build_val_loaders(cfg, tokenizer, specs, build.sam_size(grounder)))
+    results = evaluate_all(qwen, grounder, loaders, device, autocast, kinds=kinds)
     constant_path, constant = os.path.join(out_dir, "constant_phrase", "ckpt.pt"), None  # train.py baselines=true
     if args.baselines and os.path.isfile(constant_path):  # its own config: every expression is its constant phrase
-        qwen_c, grounder_c, tokenizer_c, cfg_c = load_run(constant_path, device)
+        qwen_c, grounder_c, tokenizer_c, cfg_c = load_run(constant_path, device, cached=args.cache)
         cfg_c.protocol, cfg_c.batch_size = cfg.protocol, cfg.batch_size
-        constant = evaluate_all(qwen_c, grounder_c, build.build_val_loaders(cfg_c, tokenizer_c, specs,
-                                                                            build.sam_size(grounder_c)),
-                                device, autocast, coarse=args.coarse)
+        loaders_c = (cached.build_val_loaders(cfg_c, specs) if args.cache else
+                     build.build_val_loaders(cfg_c, tokenizer_c, specs, build.sam_size(grounder_c)))
+        constant = evaluate_all(qwen_c, grounder_c, loaders_c, device, autocast, kinds=kinds)
     if args.vis and (rank == 0 or sharded(qwen)):
-        for name, (loader, _) in loaders.items():
-            folder = os.path.join(out_dir, "vis", name)
-            write_overlays(qwen, grounder, loader, args.vis, folder, device, autocast)
+        for name, (loader, _) in loaders.items():  # beside the training run's vis/, never over it
+            folder = os.path.join(out_dir, "eval_vis", f"{name}_{cfg.protocol}" + ("_coarse" if args.coarse else ""))
+            write_overlays(qwen, grounder, loader, args.vis, folder, device, autocast, args.coarse)
             if rank == 0:
                 print(f"overlays: {folder}")
     if rank == 0:

@@ -126,9 +126,16 @@ def step_counts(micro, device):
     return dict(phrase=n[0].clamp(min=1), sequence=n[1].clamp(min=1))
 
 
-def idle_backward(grounder, device):
-    """A zero-weighted forward/backward on dummy inputs: a rank whose micro-batch held no usable sample (skip_bad)
-    still joins DDP's gradient all-reduce instead of leaving the other ranks waiting in it."""
+def idle_backward(qwen, grounder, good, device):
+    """A rank whose micro-batch held no usable sample (skip_bad) still joins what the other ranks run, instead of
+    leaving them waiting: the sharded VLM's forward (shard: true; on `good`, this rank's last usable batch, the
+    result discarded, as eval's lockstep does) and DDP's gradient all-reduce (a zero-weighted forward/backward on
+    dummy inputs)."""
+    if evaluation.sharded(qwen):
+        if good is None:
+            raise RuntimeError("shard: true with skip_bad: this rank's first micro-batch held no readable sample, so "
+                               "it has no batch to join the other ranks' sharded forward with; fix or drop the files")
+        build.extract(qwen, grounder, good)
     module = grounder.module if isinstance(grounder, DDP) else grounder
     out = grounder(module.dummy_inputs(device))
     (sum(x.sum() for xs in out.values() for x in xs) * 0).backward()
@@ -150,6 +157,16 @@ def log_line(cfg, writer, step, terms, lr, grad_norm, rate):
     return scalars
 
 
+def save_step(path, grounder, optimizer, kwargs, step, world, resolved):
+    """Every rank's RNG state gathered, then rank 0 writes the checkpoint (head, optimizer, step, config)."""
+    rng = [torch.get_rng_state() for _ in range(world)]
+    if dist.is_initialized():
+        dist.all_gather_object(rng, torch.get_rng_state())
+    if int(os.environ.get("RANK", 0)) == 0:
+        save_checkpoint(path, dict(grounder=grounder.state_dict(), grounder_kwargs=kwargs, step=step, rng=rng,
+                                   world=world, optimizer=optimizer.state_dict(), config=resolved))
+
+
 def periodic_eval(qwen, grounder, val_loaders, device, autocast, cfg, writer, step, heads_per_layer):
     metrics = evaluation.evaluate_all(qwen, grounder, val_loaders, device, autocast, cfg.eval_batches)
     for name, m in metrics.items():
@@ -169,16 +186,14 @@ def board_maps(qwen, grounder, val_loaders, device, autocast, cfg, writer, step,
             writer.add_image("eval/attention_maps", picture, step, dataformats="HWC")
 
 
-def train(cfg, device, rank=0, world=1, show_config=True):
+def train(cfg, device, rank=0, world=1):
     """One training run of cfg (model, data, loop, final eval) -> (final val metrics {split: {metric: value}}, the
-    trained Grounder). Call inside an initialised process group when world > 1 (main does)."""
+    trained Grounder). Call inside an initialised process group when world > 1 (main does), after start_job."""
     ddp, master = world > 1, rank == 0
     resolved = dataclasses.asdict(cfg)
     ckpt = start_run(cfg, world, master)
     build.check_data(cfg, cfg.train_data + cfg.val_data)
     if master:
-        if show_config:
-            print(yaml.safe_dump(resolved, sort_keys=False), end="")
         with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(resolved, f, sort_keys=False)
 
@@ -232,7 +247,7 @@ def train(cfg, device, rank=0, world=1, show_config=True):
 
     batches = micro_batches(loader, step * cfg.grad_accum)  # resumes mid-epoch in the same seeded order
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True, file=sys.stdout, mininterval=2)
-    t0, seen, skipped = time.time(), 0, set()
+    t0, seen, skipped, good = time.time(), 0, set(), None  # good: the last usable micro-batch (idle_backward)
     recent = []  # (step, sample ids, loss) since the last finiteness check
     names = heads.loss_names(grounder)
     terms = {name: torch.zeros(2, device=device) for name in names}  # sum and count of each term since the last line
@@ -253,10 +268,10 @@ def train(cfg, device, rank=0, world=1, show_config=True):
             with sync:
                 if "phrases" not in batch:  # every sample of this micro-batch was bad (skip_bad): nothing to learn
                     if ddp:
-                        idle_backward(trained, device)
+                        idle_backward(qwen, trained, good, device)
                     continue
                 seen += len(batch["phrases"])
-                batch = model.to_device(batch, device)
+                batch = good = model.to_device(batch, device)
                 with autocast:
                     out = trained(build.extract(qwen, grounder, batch))
                     parts = heads.losses(out, batch)  # name -> (per-item values, "phrase" | "sequence")
@@ -287,16 +302,11 @@ def train(cfg, device, rank=0, world=1, show_config=True):
             picture = evaluation.overlay_grid(batch, out, build.image_settings(cfg, tokenizer))
             writer.add_image("train/pred_vs_true", picture, step, dataformats="HWC")
         if step % cfg.ckpt_every == 0 or last:
-            rng = [torch.get_rng_state() for _ in range(world)]
-            if ddp:
-                dist.all_gather_object(rng, torch.get_rng_state())
-            if master:
-                save_checkpoint(ckpt_path, dict(grounder=grounder.state_dict(), grounder_kwargs=kwargs, step=step,
-                                                rng=rng, world=world, optimizer=optimizer.state_dict(), config=resolved))
+            save_step(ckpt_path, grounder, optimizer, kwargs, step, world, resolved)
     bar.close()
 
     if skipped:
-        print0(f"skipped {len(skipped)} unreadable image(s) during training (skip_bad=true), e.g. {sorted(skipped)[0]}")
+        print0(f"skipped {len(skipped)} unreadable sample(s) during training (skip_bad=true), e.g. {sorted(skipped)[0]}")
     metrics = evaluation.report(qwen, grounder, val_loaders, device, autocast, cfg.out_dir, cfg.vis_samples, writer,
                                 step)
     board_maps(qwen, grounder, val_loaders, device, autocast, cfg, writer, step, config.text_config.num_attention_heads)
@@ -308,27 +318,36 @@ def train(cfg, device, rank=0, world=1, show_config=True):
 
 def main(cfg):
     rank, world, device = build.start_job(cfg)
+    build.print_config(cfg)
     try:
-        if cfg.cache_dir:  # extract what is missing (nothing after the first run), then train from the files
-            cache.extract_all(cfg, rank, world, device)
-        metrics, _ = train(cfg, device, rank, world)
-        if cfg.baselines:  # what the head would score without language, and a random object of the image
-            ablation = dataclasses.replace(cfg, constant_phrase=cfg.baseline_phrase, baselines=False, resume=False,
-                                           vis_samples=0, out_dir=os.path.join(cfg.out_dir, "constant_phrase"),
-                                           cache_dir=f"{cfg.cache_dir.rstrip('/')}_constant_phrase" if cfg.cache_dir else "")
-            print0(f"\nbaseline: the same head trained with every expression replaced by {cfg.baseline_phrase!r} "
-                   f"(out_dir={ablation.out_dir}, otherwise the config above)")
-            if ablation.cache_dir:  # its own cache: the phrase is part of what was extracted
-                cache.extract_all(ablation, rank, world, device)
-            constant, _ = train(ablation, device, rank, world, show_config=False)
-            if rank == 0:
-                print0("\ngrounding vs the two baselines:")
-                table = evaluation.baselines_table(cfg.val_data, cfg.protocol, cfg.seed, metrics, constant)
-                with open(os.path.join(cfg.out_dir, "baselines.json"), "w") as f:
-                    json.dump(table, f, indent=1)
+        with build.one_line_data_errors():
+            metrics = run(cfg, rank, world, device)
     finally:
         if world > 1:
             dist.destroy_process_group()
+    return metrics
+
+
+def run(cfg, rank, world, device):
+    """train.py's job: extraction when cfg.cache_dir is set (what is missing, nothing after the first run), the
+    training run, and with cfg.baselines the constant-phrase ablation and the baselines table."""
+    if cfg.cache_dir:
+        cache.extract_all(cfg, rank, world, device)
+    metrics, _ = train(cfg, device, rank, world)
+    if cfg.baselines:  # what the head would score without language, and a random object of the image
+        ablation = dataclasses.replace(cfg, constant_phrase=cfg.baseline_phrase, baselines=False, resume=False,
+                                       vis_samples=0, out_dir=os.path.join(cfg.out_dir, "constant_phrase"),
+                                       cache_dir=f"{cfg.cache_dir.rstrip('/')}_constant_phrase" if cfg.cache_dir else "")
+        print0(f"\nbaseline: the same head trained with every expression replaced by {cfg.baseline_phrase!r} "
+               f"(out_dir={ablation.out_dir}, otherwise the config above)")
+        if ablation.cache_dir:  # its own cache: the phrase is part of what was extracted
+            cache.extract_all(ablation, rank, world, device)
+        constant, _ = train(ablation, device, rank, world)
+        if rank == 0:
+            print0("\ngrounding vs the two baselines:")
+            table = evaluation.baselines_table(cfg.val_data, cfg.protocol, cfg.seed, metrics, constant)
+            with open(os.path.join(cfg.out_dir, "baselines.json"), "w") as f:
+                json.dump(table, f, indent=1)
     return metrics
 
 

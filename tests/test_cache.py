@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 
 import pytest
@@ -156,6 +157,7 @@ def test_the_refiners_inputs_are_cached_too(tiny_qwen, synthetic_root, tmp_path)
     _, qwen, tokenizer = tiny_qwen
     cfg = cache_config(tiny_qwen[0], synthetic_root, tmp_path, refiner=dict(sam="tiny", text_layers=2),
                        synthetic=dict(root=synthetic_root), max_steps=2, vis_samples=0)
+    build.prepare_sam(cfg)  # writes the tiny SAM (start_job does it in the scripts)
     cache.extract_all(cfg, shard_size=SHARD)
     grounder = build.build_grounder(build.grounder_kwargs(cfg, qwen.config))
     unpacked = dataclasses.replace(cfg, pack_tokens=0)  # extracted packed, compared with one sequence per sentence
@@ -314,3 +316,95 @@ def test_two_processes_write_the_same_cache_as_one(extracted, tmp_path):
     before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(cfg.cache_dir, "*", "*"))}
     run_ranks(cfg, tmp_path)  # complete: both ranks idle, nothing rewritten
     assert before == {p: os.path.getmtime(p) for p in glob.glob(os.path.join(cfg.cache_dir, "*", "*"))}
+
+
+def _train_worker(rank, world, port, cfg_dict, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        metrics, grounder = train.train(build.config_from_dict(cfg_dict), torch.device("cpu"), rank, world)
+        torch.save(dict(head=grounder.state_dict(), metrics=metrics), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_ddp_from_the_cache_equals_one_process_with_the_same_global_batch(extracted, tmp_path, monkeypatch, optimizer):
+    """torchrun-style training from the cache (2 gloo ranks x 2 images) against one process x 4 images: the same
+    samples in the same steps (rank r takes the global batch's r-th, r+2-th, ...), each loss term divided by the
+    step's count over both ranks. The frozen outputs are the same bits, so only float summation order differs (one
+    batch of 4 vs two of 2 and an all-reduce). With SGD the heads agree to float32 noise (measured 1.5e-8 after
+    weights moved 4e-3). With AdamW to 5e-6 (measured): Adam's first steps move a weight by ~lr * g / (|g| + eps),
+    so a gradient entry near eps (1e-8) that rounding changes in its last digits moves its weight by a visible
+    fraction of lr. Online the gap is larger (6e-4 after 4 steps, measured) because the VLM's forward pads 2
+    sequences differently from 4 (its outputs then differ by ~1e-7, DESIGN.md's "batched equals single"), which
+    Adam amplifies the same way; with SGD online differs by 1.5e-8 after one step. So the ~1e-4 is Adam on
+    float rounding, not the data order or the counts (counts left per rank, or DDP's mean not undone, fail the SGD case)."""
+    if optimizer == "sgd":
+        monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, betas, weight_decay: torch.optim.SGD(params, lr=lr))
+    cfg = dataclasses.replace(extracted, batch_size=2, max_steps=4, vis_samples=0, out_dir=str(tmp_path / "two"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.start_processes(_train_worker, args=(2, port, vars(cfg), str(tmp_path)), nprocs=2, join=False,
+                                 start_method="fork")  # forked after the monkeypatch: the ranks use it too
+    deadline = time.time() + 120
+    while not context.join(timeout=1):
+        if time.time() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("the 2 training ranks still run after 120 s")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(r0["head"][k], r1["head"][k]) for k in r0["head"]) and r0["metrics"] == r1["metrics"]
+    one = dataclasses.replace(cfg, batch_size=4, out_dir=str(tmp_path / "one"))
+    _, grounder = train.train(one, torch.device("cpu"))
+    a, b = grounder.state_dict(), r0["head"]
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    torch.manual_seed(cfg.seed)
+    init = build.build_grounder(torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["grounder_kwargs"])
+    moved = max(float((a[k] - init.state_dict()[k]).abs().max()) for k in a)
+    print(f"{optimizer}: heads differ by {diff:.3g}, trained by {moved:.3g}")
+    assert diff <= (1e-7 if optimizer == "sgd" else 1e-4) and moved > 1e-3
+
+
+# ------------------------------------------------------------------------------- what a new user meets, by command
+
+def test_an_unknown_split_is_named_and_nothing_is_written(extracted, tmp_path, capsys):
+    cfg = dataclasses.replace(extracted, cache_dir=str(tmp_path / "cache"),
+                              train_data=[dict(extracted.train_data[0], split="trian")])
+    with pytest.raises(SystemExit, match=r"^data error: .*refs\(unc\).p: no split 'trian'; its splits are \[.*'train'"):
+        cache.main(cfg)
+    assert not os.path.exists(cfg.cache_dir)
+    assert capsys.readouterr().out.startswith("model: ")  # the resolved config came first
+
+
+def test_bad_images_at_extraction_are_counted_once_or_stop_in_one_line(extracted, tmp_path, capsys):
+    root = str(tmp_path / "synthetic")
+    shutil.copytree(extracted.train_data[0]["data_root"], root)
+    spec = dict(extracted.train_data[0], data_root=root, image_dir=os.path.join(root, "images"))
+    broken = sorted(os.listdir(spec["image_dir"]))[0]
+    with open(os.path.join(spec["image_dir"], broken), "wb") as f:
+        f.write(b"not a png")
+    cfg = dataclasses.replace(extracted, cache_dir=str(tmp_path / "cache"), train_data=[spec], val_data=[])
+    with pytest.raises(SystemExit, match=f"^data error: [^\\n]*{broken} \\(image_id .*UnidentifiedImageError[^\\n]*$"):
+        cache.main(cfg)
+    capsys.readouterr()
+    cache.main(dataclasses.replace(cfg, skip_bad=True))
+    out = capsys.readouterr().out
+    assert "skipping" not in out and len(re.findall(r"skipped \d+ unreadable sample", out)) == 1, out
+    assert re.search(rf"skipped [1-9]\d* unreadable sample\(s\) \(skip_bad=true\), e.g. .*{broken}", out)
+
+
+def test_eval_scores_a_cached_run_from_its_cache(extracted, tmp_path, monkeypatch, capsys):
+    """eval.py --cache reads the run's cache_dir: the same numbers as the run's final table, no VLM loaded."""
+    import eval as evaluation
+    cfg = dataclasses.replace(extracted, out_dir=str(tmp_path / "run"), max_steps=2, vis_samples=0)
+    metrics, _ = train.train(cfg, torch.device("cpu"))
+    monkeypatch.setattr(build, "build_qwen", lambda *a: pytest.fail("the VLM loaded for eval --cache"))
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--cache", "--out",
+                                      str(tmp_path / "m.json")])
+    evaluation.main()
+    results = json.load(open(tmp_path / "m.json"))["results"]
+    assert results.keys() == metrics.keys() and all(results[k] == pytest.approx(metrics[k]) for k in metrics)

@@ -1,6 +1,7 @@
 """chat.py, the phrase selector and ReasonSeg on the tiny random model: generation equals stock SDPA, the selector
 learns, spans map back to the answer's characters, the picture, --phrases errors, ReasonSeg scoring by hand."""
 import dataclasses
+import re
 import json
 import sys
 
@@ -240,3 +241,51 @@ def test_reasonseg_runs_both_modes(tiny_qwen, ckpt, tmp_path):
                            data.load_reasonseg(str(tmp_path / "val")), batch_size=2, cot_tokens=3)
     assert sorted(stats) == ["cot", "direct"] and all(len(s) == 2 for s in stats.values())
     assert all(0 <= i <= u for s in stats.values() for i, u in s)
+
+
+def test_selector_tags_a_short_answer_batched_with_a_long_one_as_alone():
+    """Padded slots are zeroed before the convolution: a short answer's tags do not see its batch-mate's padding
+    (LayerNorm and the projection's bias turn zero padding into non-zero features otherwise)."""
+    torch.manual_seed(0)
+    s = selection.Selector(hidden_size=16, layers=2, width=8)
+    short, long = torch.randn(3, 2, 16), torch.randn(11, 2, 16)
+    with torch.no_grad():
+        (alone,) = s([short])
+        batched = s([short, long])
+    assert batched[0].shape == (3, 3) and torch.allclose(batched[0], alone, atol=1e-6)
+
+
+def test_without_a_selector_the_answer_comes_first(tiny_qwen, tmp_path, monkeypatch, capsys):
+    """No selector, no --phrases: the VLM still answers, and one line says how to ground phrases of that answer."""
+    model_dir, qwen, _ = tiny_qwen
+    cfg = build.Config(model=model_dir, dtype="float32", head=dict(base=8, size=16))
+    kwargs = build.grounder_kwargs(cfg, qwen.config)
+    path = tmp_path / "ckpt.pt"
+    torch.save(dict(config=dataclasses.asdict(cfg), grounder=build.build_grounder(kwargs).state_dict(),
+                    grounder_kwargs=kwargs, step=0), path)
+    image = tmp_path / "scene.png"
+    picture_file(image)
+    out = run_chat(monkeypatch, capsys, "--ckpt", str(path), "--image", str(image), "--ask", "What is there?",
+                   "--max_new_tokens", "4")
+    answer = re.search(r"^A: (.*)$", out, re.M).group(1)
+    assert "has no phrase selector" in out and f"--answer {json.dumps(answer)} --phrases" in out
+    assert "selector: {layers: 0}" in out  # not selector: {}, which is off
+
+
+def test_empty_questions_and_nothing_grounded_say_so(tmp_path, ckpt, monkeypatch, capsys):
+    image = tmp_path / "scene.png"
+    picture_file(image)
+    for flag in ("--ask", "--answer", "--text"):
+        for empty in ("", "   "):
+            with pytest.raises(SystemExit, match=f"^{flag}: empty"):
+                run_chat(monkeypatch, capsys, "--ckpt", ckpt, "--image", str(image), flag, empty)
+    monkeypatch.setattr(selection, "decode", lambda logits: [])  # a selector that tags nothing
+    out = run_chat(monkeypatch, capsys, "--ckpt", ckpt, "--image", str(image), "--answer", "a red circle",
+                   "--out", str(tmp_path / "p.png"))
+    assert "nothing grounded" in out
+
+
+def test_phrase_colours_are_no_synthetic_objects_colour():
+    import synthetic
+    for colour in chat.PALETTE.astype(int):
+        assert min(np.linalg.norm(colour - np.array(c)) for c in synthetic.COLOURS.values()) >= 90, colour

@@ -103,8 +103,10 @@ def spec(root, split, **kw):
 # ------------------------------------------------------------------------------------------- records, masks
 
 def test_load_refer_records_and_exact_splits(refer_root):
-    counts = {s: len(data.load_refer(refer_root, "refcoco", "unc", s)) for s in ("train", "val", "test", "testA", "testB")}
-    assert counts == dict(train=2, val=0, test=1, testA=1, testB=1)
+    counts = {s: len(data.load_refer(refer_root, "refcoco", "unc", s)) for s in ("train", "test", "testA", "testB")}
+    assert counts == dict(train=2, test=1, testA=1, testB=1)
+    with pytest.raises(data.DataError, match=r"no split 'val'; its splits are \['test', 'testA', 'testB', 'train'\]"):
+        data.load_refer(refer_root, "refcoco", "unc", "val")  # a split the file does not have is an error
     rec = data.load_refer(refer_root, "refcoco", "unc", "train")[0]
     assert rec["ref_id"] == 100 and rec["ann_id"] == 11 and rec["ann_ids"] == [11] and rec["image_id"] == 1
     assert rec["file_name"] == "COCO_train2014_000000000001.jpg"  # from instances.json, not the refs' own
@@ -385,3 +387,12 @@ def test_synthetic(tmp_path):
             assert mask.shape == pixels.shape[:2] == (224, 224) and mask.sum() > 50
             assert (pixels[mask] == synthetic.COLOURS[target["colour"]]).all()  # the mask is the visible part: the object's colour everywhere
     assert n_sent > 60 and set(synthetic.synthetic_texts()) >= {"the red circle", "big blue star in the top left"}
+
+
+def test_resize_masks_keeps_a_half_covered_pixel():
+    """The box filter's footprint of a target pixel half covered is 127.5 -> 128 in PIL's uint8: it is in the mask
+    (>= 128), as a majority-or-tie of its footprint; a third covered is out."""
+    half = np.array([[[True, False]]])  # (1, 1, 2) -> (1, 1, 1)
+    assert data.resize_masks(half, 1, 1).tolist() == [[[True]]]
+    third = np.array([[[True, False, False]]])
+    assert data.resize_masks(third, 1, 1).tolist() == [[[False]]]

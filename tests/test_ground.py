@@ -161,7 +161,7 @@ def test_export_round_trip_and_refusals(grounding, trained, tmp_path, monkeypatc
 def test_tensorboard_gets_the_maps_picture(tiny_qwen, synthetic_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     cfg = tiny_config(tiny_qwen[0], synthetic_root, tmp_path, max_steps=2, eval_every=1, vis_samples=0)
-    train.train(cfg, torch.device("cpu"), show_config=False)
+    train.train(cfg, torch.device("cpu"))
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
     assert [e.step for e in events.Images("eval/attention_maps")] == [1, 2]
 

@@ -76,3 +76,16 @@ def test_phrase_losses_only_supervised_phrases():
     terms = heads.phrase_losses(out, batch)
     assert set(terms) == {"bce", "dice"} and terms["bce"].shape == (2,)
     assert torch.allclose(terms["bce"], torch.log(torch.tensor(2.0)).expand(2))  # the unsupervised 5.0 is out
+
+
+def test_bce_dice_back_in_phrase_order_for_any_grouping():
+    """Sizes A B C A B group as [0, 3] [1, 4] [2]: the order 0 3 1 4 2 is not its own inverse, so indexing with the
+    order instead of its inverse (argsort) puts terms on the wrong phrases."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [(8, 8), (4, 4), (6, 2), (8, 8), (4, 4)]
+    logits = [torch.randn(s, generator=g) * 3 for s in sizes]
+    masks = [(torch.rand(s, generator=g) > 0.5).float() for s in sizes]
+    bce, dice = heads.bce_dice(logits, masks)
+    for i in range(len(sizes)):
+        b, d = heads.bce_dice(logits[i:i + 1], masks[i:i + 1])
+        assert torch.allclose(bce[i], b[0]) and torch.allclose(dice[i], d[0]), i

@@ -232,3 +232,25 @@ def test_load_sam_on_a_missing_path_or_another_model(tmp_path):
     (tmp_path / "qwen" / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
     with pytest.raises(ValueError, match="qwen.*not a SAM checkpoint.*'qwen2_5_vl'"):
         refiner.load_sam(str(tmp_path / "qwen"), device="cpu")
+
+
+def test_the_text_prompt_mixes_the_layers_by_a_weighted_sum(sam_dir):
+    """F-LMM's text prompt is sum_l softmax(w)_l * hidden_l: with every layer equal to one layer's states the mix is
+    those states themselves, exactly what a one-layer refiner with the same weights gives (a mean would be 1/L of
+    them), and moving the softmax weight onto one layer makes the others irrelevant."""
+    r = make_refiner(sam_dir)
+    one = refiner.Refiner(refiner.load_sam(sam_dir, device="cpu"), hidden_size=HIDDEN, text_layers=1)
+    one.load_state_dict({k: v for k, v in r.state_dict().items() if k != "layer_weights"}, strict=False)
+    coarse, embeddings, phrase_image, hidden, sam_sizes = example(r)
+    with torch.no_grad():
+        same = [h[:, :1].expand(-1, LAYERS, -1) for h in hidden]  # every layer = layer 0
+        for a, b in zip(r(coarse, embeddings, phrase_image, same, sam_sizes),
+                        one(coarse, embeddings, phrase_image, [h[:, :1] for h in hidden], sam_sizes), strict=True):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max()  # float32 sums in another order
+        r.layer_weights.copy_(torch.tensor([-1e4, 50.0, -1e4]))  # all weight on layer 1
+        junk = [h.clone() for h in hidden]
+        for h in junk:
+            h[:, [0, 2]] = 100 * torch.randn_like(h[:, [0, 2]])
+        for a, b in zip(r(coarse, embeddings, phrase_image, hidden, sam_sizes),
+                        r(coarse, embeddings, phrase_image, junk, sam_sizes), strict=True):
+            assert torch.equal(a, b)
