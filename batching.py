@@ -185,6 +185,23 @@ def by_image(items):
     return list(out.values())
 
 
+def picture_samples(tokenizer, settings, image, phrases, image_id=0, pack_tokens=None, sam_side=0):
+    """One PIL image and its phrases -> the samples qwen_inputs.collate takes (+ SAM's input at sam_side > 0), their
+    phrases in order. pack_tokens=None: one sequence holding all the phrases (F-LMM's layout); an int: each phrase an
+    independent sentence (the standard protocol), packed behind one shared image prefix in rows of at most that many
+    tokens (0: a sequence each). settings: patchify's keyword arguments (build.image_settings)."""
+    pixel_values, grid = qwen_inputs.patchify(image, **settings)
+    if pack_tokens is None:
+        rows = [qwen_inputs.build_inputs(tokenizer, grid, phrases)]
+    elif pack_tokens:
+        rows = [r for r, _ in qwen_inputs.split_packed(qwen_inputs.build_packed(tokenizer, grid, [[p] for p in phrases]),
+                                                        pack_tokens)]
+    else:
+        rows = [qwen_inputs.build_inputs(tokenizer, grid, [p]) for p in phrases]
+    sam = refiner.sam_image(image, sam_side) if sam_side else {}
+    return [dict(r, pixel_values=pixel_values, image_grid_thw=grid, image_id=image_id, **sam) for r in rows]
+
+
 def collate_skip(samples):
     """qwen_inputs.collate without the unreadable samples (skip_bad); batch["skipped"] lists their files. A batch
     whose samples all failed is {"skipped": [...]} alone: skip the step, but count the files."""

@@ -471,3 +471,19 @@ def load_export(folder):
                          f"{list(EXPORT_KEYS)}, has format {meta.get('format')!r} and keys {sorted(meta)})")
     from safetensors.torch import load_file
     return dict({k: meta[k] for k in EXPORT_KEYS}, grounder=load_file(paths["model.safetensors"]))
+
+
+def load_run(ckpt_path, device, model=None, cached=False):
+    """Checkpoint (a ckpt.pt, an export.py directory or a Hub id holding one) -> (qwen, grounder, tokenizer, Config):
+    the VLM named in the saved config (or `model`, a local copy of it: another VLM is refused, naming both), the
+    trained modules from the checkpoint. cached: no VLM (qwen and tokenizer None), the frozen outputs come from the
+    run's cache_dir."""
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = config_from_dict(ckpt["config"], ckpt_path)
+    if model is not None or "base_vlm" in ckpt:  # checked from config.json files before any weights load
+        given = base_vlm(dataclasses.replace(cfg, model=model or cfg.model))
+        check_base_vlm(ckpt.get("base_vlm") or base_vlm(cfg), given, ckpt_path)
+        cfg.model = given["name"]
+    qwen, tokenizer = (None, None) if cached else build_qwen(cfg, device)
+    grounder = heads.load_state(build_grounder(ckpt["grounder_kwargs"], device), ckpt["grounder"], ckpt_path)
+    return qwen, grounder.eval(), tokenizer, cfg

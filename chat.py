@@ -21,10 +21,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import build
 import data
+import draw
 import eval as evaluation
 import model
 import qwen_inputs
@@ -34,9 +35,6 @@ import selector as selection
 COT_PROMPT = "{question} Answer with the name of the object only, in a few words."  # F-LMM's visual chain-of-thought
 # One colour per phrase (cycled after 8), none of them a synthetic object's (red, green, blue, yellow, purple; every
 # one >= 90 apart in RGB) nor the light grey background, as eval.py's overlays: a tint never reads as another object.
-PALETTE = np.array([(0, 230, 230), (255, 0, 255), (0, 0, 0), (255, 150, 200), (0, 0, 110), (120, 70, 20),
-                    (110, 110, 0), (170, 255, 0)], np.uint8)  # cyan magenta black pink navy brown olive lime
-
 
 # ------------------------------------------------------------------------------------------------ answer
 
@@ -164,28 +162,6 @@ def marked(answer, spans):
     return "".join(out + [answer[at:]])
 
 
-def picture(image, masks, phrases):
-    """uint8 (H, W, 3) image + one bool mask per phrase -> uint8 picture: each mask tinted and outlined in its own
-    colour (PALETTE[k]), a legend below (a swatch and '(k) phrase' per line)."""
-    out = np.asarray(image, np.float32).copy()
-    for k, m in enumerate(masks):
-        colour = PALETTE[k % len(PALETTE)]
-        out[m] = 0.5 * out[m] + 0.5 * colour
-        out[evaluation._edge(m)] = colour
-    h, w = out.shape[:2]
-    line = 14
-    canvas = Image.new("RGB", (w, h + line * max(1, len(phrases)) + 4), (255, 255, 255))
-    canvas.paste(Image.fromarray(out.round().astype(np.uint8)), (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for k, phrase in enumerate(phrases):
-        y = h + 2 + line * k
-        draw.rectangle([2, y + 1, 12, y + 11], fill=tuple(int(c) for c in PALETTE[k % len(PALETTE)]))
-        draw.text((16, y), f"({k + 1}) {phrase}"[:120], fill=(0, 0, 0))
-    if not phrases:
-        draw.text((2, h + 2), "(no phrase grounded)", fill=(0, 0, 0))
-    return np.asarray(canvas)
-
-
 # ------------------------------------------------------------------------------------------------ ReasonSeg
 
 @torch.no_grad()
@@ -253,14 +229,14 @@ def main():
             raise SystemExit("give --image with --ask (chat), --answer (a given answer) or --text (ground a text)")
         if args.text is not None and (args.ask or args.answer or args.phrases):
             raise SystemExit("--text grounds the text itself: it takes no --ask, --answer or --phrases")
-        image = evaluation.open_image(args.image)
+        image = data.open_image(args.image)
     phrases = [p.strip() for p in args.phrases.split(",") if p.strip()] if args.phrases else None
     if args.phrases is not None and not phrases:
         raise SystemExit(f"--phrases {args.phrases!r}: no phrase in it")
     cfg = build.config_from_dict(ckpt["config"], args.ckpt)
 
     rank, world, device = build.init_distributed()
-    qwen, grounder, tokenizer, _ = evaluation.load_run(args.ckpt, device)
+    qwen, grounder, tokenizer, _ = build.load_run(args.ckpt, device)
     settings = build.image_settings(cfg, tokenizer)
     if records is not None:
         stats = reasonseg(qwen, grounder, tokenizer, settings, records, args.batch_size, args.cot_tokens)
@@ -307,7 +283,7 @@ def main():
     out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)) if os.path.exists(args.ckpt)
                                         else os.getcwd(),  # a Hub id: here
                                         f"chat_{os.path.splitext(os.path.basename(args.image))[0]}.png")
-    Image.fromarray(picture(np.asarray(image), [m.numpy() for m in res["masks"]], grounded)).save(out_path)
+    Image.fromarray(draw.phrases_picture(np.asarray(image), [m.numpy() for m in res["masks"]], grounded)).save(out_path)
     print(f"Q: {question}\nA: {marked(answer, res['spans'])}")
     for k, (phrase, m) in enumerate(zip(grounded, res["masks"], strict=True)):
         print(f"  ({k + 1}) {phrase!r}: {int(m.sum())} pixels")

@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 class DataError(ValueError):
@@ -321,3 +321,16 @@ def spec_files(spec):
     folder, refs = ((spec["dataset"], f"refs({spec['split_by']}).p") if kind == "refer" else
                     ("grefcoco", "grefs(unc).json"))
     return [os.path.join(spec["data_root"], folder, name) for name in (refs, "instances.json")] + [spec["image_dir"]]
+
+
+def open_image(path):
+    """A picture as a viewer shows it (EXIF orientation applied), RGB; one clear line for a missing or broken file."""
+    try:
+        with Image.open(path) as f:
+            return ImageOps.exif_transpose(f).convert("RGB")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--image {path}: cannot read it as an image ({type(e).__name__}: {e})")
+
+
+def slug(text):
+    return "".join(c if c.isalnum() else "_" for c in text.strip())[:40].strip("_")

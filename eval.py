@@ -12,7 +12,6 @@ Predictions are upsampled from the resized image to the original size; a pixel i
 """
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 
@@ -20,16 +19,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image
 
+import batching
 import build
 import cache
 import cached
 import data
+import draw
 import head as heads
 import model
 import qwen_inputs
-import refiner
 import selector as selection
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -252,47 +252,6 @@ def baselines_table(specs, protocol, seed, ours, constant=None):
 # ---------------------------------------------------------------------------------------------- pictures
 
 # Colours no synthetic object has (red, green, blue, yellow, purple on light grey): visible on every object.
-PRED_RGB, TRUTH_RGB = np.array([0, 230, 230]), np.array([255, 0, 255])  # cyan prediction, magenta truth
-
-
-def _edge(mask):
-    """The pixels of a bool mask that touch its outside (4-neighbourhood)."""
-    return mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
-
-
-def overlay(image, pred, gt=None, text=""):
-    """uint8 (H, W, 3) image + bool masks -> uint8 picture with a 14-px caption band above it: the prediction tinted
-    and outlined in cyan, the truth outlined in magenta (2 px)."""
-    out = image.astype(np.float32)
-    out[pred] = 0.45 * out[pred] + 0.55 * PRED_RGB
-    out[_edge(pred)] = PRED_RGB
-    if gt is not None:
-        edge = _edge(gt)
-        out[edge | _edge(gt & ~edge)] = TRUTH_RGB
-    picture = Image.new("RGB", (image.shape[1], image.shape[0] + 14))
-    picture.paste(Image.fromarray(out.astype(np.uint8)), (0, 14))
-    ImageDraw.Draw(picture).text((2, 1), text[:120], fill=(255, 255, 255))
-    return np.asarray(picture)
-
-
-def overlay_grid(batch, out, image_settings):
-    """The first sample of a (device) batch, every phrase side by side at the resized resolution (for tensorboard):
-    the coarse masks, and below them the refined ones when the grounder has a refiner. image_settings: patchify's."""
-    n_pix = int(batch["host"]["image_grid_thw"][0].prod())
-    (image,) = qwen_inputs.unpatchify(batch["pixel_values"][:n_pix].cpu(), batch["host"]["image_grid_thw"][:1],
-                                      **image_settings)
-    k = len(batch["phrases"][0])
-    rows = []
-    for kind in ("coarse", "refined"):
-        if kind in out:
-            tiles = []
-            for x, m, phrase in zip(out[kind][:k], batch["masks"][0], batch["phrases"][0]):
-                x = F.interpolate(x.detach().float()[None, None], size=image.shape[:2], mode="bilinear")[0, 0]
-                tiles.append(overlay(image, (x > 0).cpu().numpy(), m.cpu().numpy() > 0.5, f"{kind}: {phrase}"))
-            rows.append(np.concatenate(tiles, axis=1))
-    return np.concatenate(rows, axis=0)
-
-
 def sharded(qwen):
     """Whether the frozen VLM is spread over the ranks (build: shard=true), so every rank must join every forward."""
     return qwen is not None and dist.is_initialized() and any(
@@ -324,7 +283,7 @@ def write_overlays(qwen, grounder, loader, n, folder, device, autocast=contextli
             image = np.asarray(f.convert("RGB"))
         truth, phrases = [g for m in batch["gt_masks"] for g in m], [p for ps in batch["phrases"] for p in ps]
         for k, (p, g, phrase) in enumerate(zip(preds, truth, phrases, strict=True)):
-            picture = overlay(image, p.cpu().numpy(), g.cpu().numpy(), phrase)
+            picture = draw.overlay(image, p.cpu().numpy(), g.cpu().numpy(), phrase)
             Image.fromarray(picture).save(os.path.join(folder, f"{i:04d}_{k}.png"))
 
 
@@ -354,59 +313,14 @@ def report(qwen, grounder, loaders, device, autocast, out_dir, vis=0, writer=Non
 
 # ------------------------------------------------------------------------------------------- command line
 
-def load_run(ckpt_path, device, model=None, cached=False):
-    """Checkpoint (a ckpt.pt, an export.py directory or a Hub id holding one) -> (qwen, grounder, tokenizer, Config):
-    the VLM named in the saved config (or `model`, a local copy of it: another VLM is refused, naming both), the
-    trained modules from the checkpoint. cached: no VLM (qwen and tokenizer None), the frozen outputs come from the
-    run's cache_dir."""
-    ckpt = build.load_checkpoint(ckpt_path)
-    cfg = build.config_from_dict(ckpt["config"], ckpt_path)
-    if model is not None or "base_vlm" in ckpt:  # checked from config.json files before any weights load
-        given = build.base_vlm(dataclasses.replace(cfg, model=model or cfg.model))
-        build.check_base_vlm(ckpt.get("base_vlm") or build.base_vlm(cfg), given, ckpt_path)
-        cfg.model = given["name"]
-    qwen, tokenizer = (None, None) if cached else build.build_qwen(cfg, device)
-    grounder = heads.load_state(build.build_grounder(ckpt["grounder_kwargs"], device), ckpt["grounder"], ckpt_path)
-    return qwen, grounder.eval(), tokenizer, cfg
-
-
-def image_samples(tokenizer, grounder, settings, image, phrases, image_id=0, pack_tokens=None):
-    """One PIL image and its phrases -> the samples qwen_inputs.collate takes (+ SAM's input with a refiner), their
-    phrases in order. pack_tokens=None: one sequence holding all the phrases (F-LMM's layout); an int: each phrase an
-    independent sentence (the standard protocol), packed behind one shared image prefix in rows of at most that many
-    tokens (0: a sequence each). settings: patchify's keyword arguments (build.image_settings)."""
-    pixel_values, grid = qwen_inputs.patchify(image, **settings)
-    if pack_tokens is None:
-        rows = [qwen_inputs.build_inputs(tokenizer, grid, phrases)]
-    elif pack_tokens:
-        rows = [r for r, _ in qwen_inputs.split_packed(qwen_inputs.build_packed(tokenizer, grid, [[p] for p in phrases]),
-                                                        pack_tokens)]
-    else:
-        rows = [qwen_inputs.build_inputs(tokenizer, grid, [p]) for p in phrases]
-    sam = refiner.sam_image(image, build.sam_size(grounder)) if grounder.refiner else {}
-    return [dict(r, pixel_values=pixel_values, image_grid_thw=grid, image_id=image_id, **sam) for r in rows]
-
-
 def predict_image(qwen, grounder, tokenizer, cfg, image, text, device, out_path):
     """One picture (PIL, EXIF orientation applied) and one expression -> bool mask; writes an overlay PNG."""
-    samples = image_samples(tokenizer, grounder, build.image_settings(cfg, tokenizer), image, [text])
+    samples = batching.picture_samples(tokenizer, build.image_settings(cfg, tokenizer), image, [text],
+                                       sam_side=build.sam_size(grounder))
     batch = model.to_device(qwen_inputs.collate(samples), device)
     (mask,) = predict(qwen, grounder, batch, [(image.height, image.width)])
-    Image.fromarray(overlay(np.asarray(image), mask.cpu().numpy(), None, text)).save(out_path)
+    Image.fromarray(draw.overlay(np.asarray(image), mask.cpu().numpy(), None, text)).save(out_path)
     return mask
-
-
-def open_image(path):
-    """A picture as a viewer shows it (EXIF orientation applied), RGB; one clear line for a missing or broken file."""
-    try:
-        with Image.open(path) as f:
-            return ImageOps.exif_transpose(f).convert("RGB")
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--image {path}: cannot read it as an image ({type(e).__name__}: {e})")
-
-
-def _slug(text):
-    return "".join(c if c.isalnum() else "_" for c in text.strip())[:40].strip("_")
 
 
 def main():
@@ -436,9 +350,9 @@ def main():
             raise SystemExit(f"--image needs a non-empty --text (the expression to ground), got {args.text!r}")
         if args.split or args.cache or args.vis:
             raise SystemExit("--image grounds one picture: --split, --cache and --vis do not apply to it")
-        image = open_image(args.image)
+        image = data.open_image(args.image)
         out_path = args.out or os.path.join(
-            out_dir, f"{os.path.splitext(os.path.basename(args.image))[0]}_{_slug(args.text)}.png")
+            out_dir, f"{os.path.splitext(os.path.basename(args.image))[0]}_{data.slug(args.text)}.png")
     elif args.text is not None or args.maps is not None:
         raise SystemExit("--text and --maps need --image: the picture to ground the text in")
     if args.coarse and not ckpt["grounder_kwargs"]["refiner"]:
@@ -460,7 +374,7 @@ def main():
         build.check_data(cfg, specs)
 
     rank, world, device = build.init_distributed()
-    qwen, grounder, tokenizer, _ = load_run(args.ckpt, device, model=args.model, cached=args.cache)
+    qwen, grounder, tokenizer, _ = build.load_run(args.ckpt, device, model=args.model, cached=args.cache)
     if args.image is not None:
         mask = predict_image(qwen, grounder, tokenizer, cfg, image, args.text, device, out_path)
         print(f"{args.image}: {int(mask.sum())} pixels for {args.text!r} -> {out_path}")
@@ -477,7 +391,7 @@ def main():
     results = evaluate_all(qwen, grounder, loaders, device, autocast, kinds=kinds)
     constant_path, constant = os.path.join(out_dir, "constant_phrase", "ckpt.pt"), None  # train.py baselines=true
     if args.baselines and os.path.isfile(constant_path):  # its own config: every expression is its constant phrase
-        qwen_c, grounder_c, tokenizer_c, cfg_c = load_run(constant_path, device, cached=args.cache)
+        qwen_c, grounder_c, tokenizer_c, cfg_c = build.load_run(constant_path, device, cached=args.cache)
         cfg_c.protocol, cfg_c.batch_size = cfg.protocol, cfg.batch_size
         loaders_c = (cached.build_val_loaders(cfg_c, specs) if args.cache else
                      build.build_val_loaders(cfg_c, tokenizer_c, specs, build.sam_size(grounder_c)))

@@ -16,10 +16,12 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
+import batching
 import build
 import chat
+import draw
 import eval as evaluation
 import model
 import qwen_inputs
@@ -30,7 +32,7 @@ def load_grounder(path_or_hub_id, device=None, model=None):
     else the CPU). model: a local copy of the base VLM to load instead of the one named in the checkpoint (another
     VLM is refused, naming both)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return Grounding(*evaluation.load_run(path_or_hub_id, device, model=model))
+    return Grounding(*build.load_run(path_or_hub_id, device, model=model))
 
 
 def _pil(image, where):
@@ -73,8 +75,9 @@ class Grounding:
         of each sequence's image)."""
         samples, sizes = [], []
         for i, (im, ps) in enumerate(zip(images, phrases)):  # image_id i: SAM encodes each image once
-            rows = evaluation.image_samples(self.tokenizer, self.grounder, self.image_settings, im, ps, i,
-                                            pack_tokens=None if together else self.cfg.pack_tokens)
+            rows = batching.picture_samples(self.tokenizer, self.image_settings, im, ps, i,
+                                            pack_tokens=None if together else self.cfg.pack_tokens,
+                                            sam_side=build.sam_size(self.grounder))
             samples += rows
             sizes += [(im.height, im.width)] * len(rows)
         return model.to_device(qwen_inputs.collate(samples), self.device), sizes
@@ -133,75 +136,8 @@ class Grounding:
         (mask,) = self.ground(image, [text])
         (maps,) = self.maps(image, [text])
         head = getattr(self.grounder, "module", self.grounder).head
-        return attention_picture(np.asarray(image.convert("RGB")), maps["maps"], mask, text, heads=self.heads,
+        return draw.attention_picture(np.asarray(image.convert("RGB")), maps["maps"], mask, text, heads=self.heads,
                                  weights=head.channel_weights().cpu().numpy(), top=top)
-
-
-# ---------------------------------------------------------------------------------------------- the picture
-
-# A dark-to-bright colour ramp (black, purple, red, orange, pale yellow) for attention: readable without matplotlib.
-RAMP = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)], np.float32)
-CAPTION = 14  # pixels of the text band above each tile (PIL's default font is 11 px high)
-
-
-def _heat(image, attention, size):
-    """uint8 (H, W, 3) image + one (h, w) attention map -> uint8 tile of `size` (w, h): the map stretched to its own
-    min..max, coloured with RAMP (bilinear), over a dimmed grey copy of the image."""
-    a = np.asarray(Image.fromarray(attention.astype(np.float32)).resize(size, Image.BILINEAR))
-    a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
-    colour = np.stack([np.interp(a, np.linspace(0, 1, len(RAMP)), RAMP[:, c]) for c in range(3)], -1)
-    grey = np.asarray(Image.fromarray(image).convert("L").resize(size, Image.BILINEAR), np.float32)[..., None]
-    return (0.75 * colour + 0.25 * grey).astype(np.uint8)
-
-
-def _captioned(tile, text, width=None):
-    width = width or tile.shape[1]
-    out = Image.new("RGB", (width, tile.shape[0] + CAPTION), (255, 255, 255))
-    out.paste(Image.fromarray(tile), (0, CAPTION))
-    ImageDraw.Draw(out).text((2, 1), text, fill=(0, 0, 0))
-    return np.asarray(out)
-
-
-def _rows(tiles, per_row, gap=4):
-    """Equal-size tiles -> one uint8 array, per_row tiles a row, white gaps."""
-    th, tw = tiles[0].shape[:2]
-    rows = (len(tiles) + per_row - 1) // per_row
-    out = np.full((rows * (th + gap), per_row * (tw + gap), 3), 255, np.uint8)
-    for i, t in enumerate(tiles):
-        r, c = divmod(i, per_row)
-        out[r * (th + gap):r * (th + gap) + th, c * (tw + gap):c * (tw + gap) + tw] = t
-    return out
-
-
-def attention_picture(image, maps, mask, text, *, heads, weights, top=8, tile=96):
-    """What the VLM attends to for one phrase, as one uint8 (h, w, 3) picture (PIL only):
-    left, the image with the final mask (eval.overlay, captioned with the phrase); right, above, the mean over heads
-    of every layer's map ("layer l"); below, the `top` heads the trained U-Net weighs most ("Lx Hy", ranked by
-    `weights`, head.MaskHead.channel_weights). image: uint8 (H, W, 3); maps: (L*H, h, w), channel layer*H + head;
-    mask: bool (H, W); weights: (L*H,)."""
-    H, W = image.shape[:2]
-    size = (tile, max(1, round(tile * H / W))) if W >= H else (max(1, round(tile * W / H)), tile)  # (w, h)
-    layers = maps.shape[0] // heads
-    per_layer = maps.reshape(layers, heads, *maps.shape[1:]).mean(1)
-    layer_tiles = [_captioned(_heat(image, m, size), f"layer {l}") for l, m in enumerate(per_layer)]
-    ranked = np.argsort(-np.asarray(weights), kind="stable")[:top]
-    head_tiles = [_captioned(_heat(image, maps[c], size), f"L{c // heads} H{c % heads}") for c in ranked]
-    per_row = max(min(8, max(len(layer_tiles), len(head_tiles))), 1)
-    grids = [_captioned(_rows(layer_tiles, per_row), "attention of the phrase, mean over heads, per layer",
-                        per_row * (size[0] + 4)),
-             _captioned(_rows(head_tiles, per_row), "the heads the mask head weighs most (first-layer weight norm)",
-                        per_row * (size[0] + 4))]
-    right = np.concatenate(grids, 0)
-    side = 2 * tile + 4  # the mask panel: twice a tile's long side
-    scale = side / max(H, W)
-    small = np.asarray(Image.fromarray(image).resize((max(1, round(W * scale)), max(1, round(H * scale)))))
-    small_mask = np.asarray(Image.fromarray(mask).resize(small.shape[1::-1], Image.NEAREST))
-    left = _captioned(evaluation.overlay(small, small_mask, None, "")[CAPTION:], f"mask: {text}"[:60])
-    height = max(left.shape[0], right.shape[0])
-    out = np.full((height, left.shape[1] + 8 + right.shape[1], 3), 255, np.uint8)
-    out[:left.shape[0], :left.shape[1]] = left
-    out[:right.shape[0], left.shape[1] + 8:] = right
-    return out
 
 
 @torch.no_grad()
@@ -220,7 +156,7 @@ def loader_pictures(qwen, grounder, loader, device, heads, n=3, autocast=context
         b = frozen["phrase_image"][k]
         with Image.open(os.path.join(loader.dataset.image_dir, batch["file_name"][b])) as f:
             image = np.asarray(f.convert("RGB"))
-        pictures.append(attention_picture(image, frozen["maps"][k].float().cpu().numpy(), masks[k].cpu().numpy(),
+        pictures.append(draw.attention_picture(image, frozen["maps"][k].float().cpu().numpy(), masks[k].cpu().numpy(),
                                           phrases[k], heads=heads, weights=weights))
     width = max(p.shape[1] for p in pictures)
     return np.concatenate([np.pad(p, ((0, 8), (0, width - p.shape[1]), (0, 0)), constant_values=255)

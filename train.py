@@ -29,6 +29,7 @@ import batching
 import build
 import cache
 import cached
+import draw
 import eval as evaluation
 import ground
 import head as heads
@@ -299,7 +300,7 @@ def train(cfg, device, rank=0, world=1):
             terms = {name: torch.zeros(2, device=device) for name in names}
             t0, seen = time.time(), 0
         if writer is not None and cfg.vis_every and step % cfg.vis_every == 0 and "pixel_values" in batch:
-            picture = evaluation.overlay_grid(batch, out, build.image_settings(cfg, tokenizer))
+            picture = draw.overlay_grid(batch, out, build.image_settings(cfg, tokenizer))
             writer.add_image("train/pred_vs_true", picture, step, dataformats="HWC")
         if step % cfg.ckpt_every == 0 or last:
             save_step(ckpt_path, grounder, optimizer, kwargs, step, world, resolved)

@@ -13,6 +13,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 import build
 import chat
+import draw
 import data
 import eval as evaluation
 import head as heads
@@ -158,16 +159,16 @@ def test_picture_one_mask_one_colour_per_phrase(tmp_path, ckpt, monkeypatch, cap
     image = np.full((40, 60, 3), 128, np.uint8)
     masks = [np.zeros((40, 60), bool) for _ in range(3)]
     masks[0][5:15, 5:20], masks[1][20:35, 10:30], masks[2][5:30, 40:55] = True, True, True
-    pic = chat.picture(image, masks, ["a", "b", "c"])
+    pic = draw.phrases_picture(image, masks, ["a", "b", "c"])
     assert pic.shape == (40 + 3 * 14 + 4, 60, 3)
     for k, m in enumerate(masks):
-        colour = chat.PALETTE[k]
-        inside = pic[:40][m & ~evaluation._edge(m)]
+        colour = draw.PALETTE[k]
+        inside = pic[:40][m & ~draw.edge(m)]
         assert (inside == np.round(0.5 * 128 + 0.5 * colour.astype(float))).all()  # tinted in its own colour
-        assert (pic[:40][evaluation._edge(m)] == colour).all()  # outlined in it
+        assert (pic[:40][draw.edge(m)] == colour).all()  # outlined in it
         assert (pic[40 + 2 + 14 * k + 3, 4:11] == colour).all()  # its legend swatch
     legend = {tuple(c) for c in pic[40:].reshape(-1, 3)}
-    assert {tuple(c) for c in chat.PALETTE[:3]} <= legend and not {tuple(c) for c in chat.PALETTE[3:]} & legend
+    assert {tuple(c) for c in draw.PALETTE[:3]} <= legend and not {tuple(c) for c in draw.PALETTE[3:]} & legend
     # the command: as many swatches (and masks) as phrases, the answer marked
     path = tmp_path / "scene.png"
     picture_file(path)
@@ -178,7 +179,7 @@ def test_picture_one_mask_one_colour_per_phrase(tmp_path, ckpt, monkeypatch, cap
     written = np.asarray(Image.open(tmp_path / "pic.png"))
     assert written.shape == (56 + 2 * 14 + 4, 84, 3)
     swatches = [tuple(written[56 + 2 + 14 * k + 5, 6]) for k in range(2)]
-    assert swatches == [tuple(c) for c in chat.PALETTE[:2]]
+    assert swatches == [tuple(c) for c in draw.PALETTE[:2]]
 
 
 def test_phrases_not_in_the_answer_are_an_error(tmp_path, ckpt, monkeypatch, capsys):
@@ -287,5 +288,5 @@ def test_empty_questions_and_nothing_grounded_say_so(tmp_path, ckpt, monkeypatch
 
 def test_phrase_colours_are_no_synthetic_objects_colour():
     import synthetic
-    for colour in chat.PALETTE.astype(int):
+    for colour in draw.PALETTE.astype(int):
         assert min(np.linalg.norm(colour - np.array(c)) for c in synthetic.COLOURS.values()) >= 90, colour

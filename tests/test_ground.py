@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import build
+import draw
 import eval as evaluation
 import export
 import ground
@@ -36,7 +37,7 @@ def grounding(trained):
 def test_ground_gives_eval_numbers_single_and_batched(grounding, trained, tmp_path):
     g = grounding
     im1, im2 = pictures()
-    qwen, grounder, tokenizer, cfg = evaluation.load_run(trained, torch.device("cpu"))
+    qwen, grounder, tokenizer, cfg = build.load_run(trained, torch.device("cpu"))
     by_eval = {}  # eval.py --image --text's path, one image and one phrase at a time
     for k, (im, text) in enumerate([(im1, "the red circle"), (im2, "a big blue square"), (im2, "zebra")]):
         by_eval[k] = evaluation.predict_image(qwen, grounder, tokenizer, cfg, im, text, torch.device("cpu"),
@@ -104,16 +105,16 @@ def test_top_heads_follow_the_weights():
     maps = np.random.default_rng(0).random((2 * 3, 5, 5)).astype(np.float32)
     weights = np.array([0.1, 0.2, 5.0, 0.3, 4.0, 0.0])
     drawn = []
-    original = ground._captioned
+    original = draw._captioned
 
     def spy(tile, text, width=None):
         drawn.append(text)
         return original(tile, text, width)
     try:
-        ground._captioned = spy
-        ground.attention_picture(image, maps, np.zeros((40, 40), bool), "x", heads=3, weights=weights, top=2)
+        draw._captioned = spy
+        draw.attention_picture(image, maps, np.zeros((40, 40), bool), "x", heads=3, weights=weights, top=2)
     finally:
-        ground._captioned = original
+        draw._captioned = original
     assert drawn[:2] == ["layer 0", "layer 1"] and drawn[2:4] == ["L0 H2", "L1 H1"], drawn
 
 

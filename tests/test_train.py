@@ -244,7 +244,7 @@ def test_eval_equals_mask_metrics_by_hand(trained, tmp_path, monkeypatch):
     out = tmp_path / "metrics.json"
     run_eval(monkeypatch, "--ckpt", trained, "--out", str(out), "--batch_size", "3", "--vis", "1")
     result = json.load(open(out))["results"]["synthetic_val"]
-    qwen, grounder, tokenizer, cfg = evaluation.load_run(trained, torch.device("cpu"))
+    qwen, grounder, tokenizer, cfg = build.load_run(trained, torch.device("cpu"))
     assert cfg.pack_tokens > 0  # eval.py packed each image's sentences in one row
     dataset = build.build_dataset(dataclasses.replace(cfg, pack_tokens=0), tokenizer, cfg.val_data[0], train=False)
     preds, gts = [], []
