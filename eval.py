@@ -213,8 +213,9 @@ def random_object_metrics(spec, protocol="standard", seed=0):
     return mask_metrics(preds, gts)
 
 
-def baselines_table(specs, protocol, seed, ours, constant=None):
-    """Our metrics beside the constant-phrase head's (when trained) and a random object's, per split; printed and
+def baselines_table(specs, protocol, seed, ours, constant=None, unet=None):
+    """Our metrics beside the constant-phrase head's (when trained), the U-Net trained alone (unet: with a refiner)
+    and a random object's, per split; printed and
     returned as {"<split> (ours)": metrics, ...}."""
     table = {}
     for spec in specs:
@@ -222,6 +223,8 @@ def baselines_table(specs, protocol, seed, ours, constant=None):
         table[f"{name} (ours)"] = ours[name]
         if f"{name} (U-Net only)" in ours:  # the refiner's run: its U-Net's own masks too
             table[f"{name} (ours, U-Net only)"] = ours[f"{name} (U-Net only)"]
+        if unet is not None:
+            table[f"{name} (U-Net alone)"] = unet[name]
         if constant is not None:
             table[f"{name} (constant phrase)"] = constant[name]
         if spec["kind"] == "refer":

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import selector as selection
+import vlmbox
 
 
 def same_size_groups(tensors):
@@ -120,7 +121,8 @@ class Grounder(nn.Module):
 
     def frozen_parameters(self):
         """The refiner's frozen SAM image encoder (not a registered submodule; counted for the log line)."""
-        return list(self.refiner.vision_encoder.parameters()) if self.refiner is not None else []
+        encoder = self.refiner.vision_encoder if self.refiner is not None else None
+        return list(encoder.parameters()) if encoder is not None else []
 
     def dummy_inputs(self, device):
         """The smallest frozen-outputs dict (one phrase of 1x1 tokens) for a zero-weighted pass (train.idle_backward)."""
@@ -131,7 +133,7 @@ class Grounder(nn.Module):
             e = r.mask_size // 4  # the embedding grid
             frozen.update(hidden=[torch.zeros(1, r.layer_weights.numel(), r.text_proj.in_features, device=device)],
                           sam_embeddings=torch.zeros(1, r.text_proj.out_features, e, e, device=device),
-                          sam_sizes=[(r.size, r.size)])
+                          sam_sizes=[(r.size, r.size)], **({"vlm_box": [[None]]} if r.box == "vlm" else {}))
         if self.selector is not None:
             frozen["answer"] = [torch.zeros(1, self.selector.layer_weights.numel(), self.selector.norm.normalized_shape[0],
                                             device=device)]
@@ -142,8 +144,10 @@ class Grounder(nn.Module):
         feats = None if vision is None else [vision[i] for i in frozen["phrase_image"]]  # each phrase its image's
         out = dict(coarse=self.head(frozen["maps"], feats))
         if self.refiner is not None:
+            boxes = None if self.refiner.box == "mask" else vlmbox.sam_boxes(
+                frozen["vlm_box"], out["coarse"], frozen["phrase_image"], frozen["sam_sizes"])  # the VLM's own
             out["refined"] = self.refiner(out["coarse"], frozen["sam_embeddings"], frozen["phrase_image"],
-                                          frozen["hidden"], frozen["sam_sizes"])
+                                          frozen["hidden"], frozen["sam_sizes"], boxes)
         if self.selector is not None:
             out["select"] = self.selector(frozen["answer"])
         return out
@@ -186,9 +190,11 @@ def losses(out, batch):
 
 def answer_tags(batch):
     """A batch -> per sequence the (A_b,) B/I/O tags of its answer tokens: supervised phrases are the spans."""
-    mask_ids = batch.get("host", batch)["mask_ids"]
-    return [selection.token_tags(selection.answer_mask_ids(m), s) for m, s in zip(mask_ids, batch["supervised"],
-                                                                                    strict=True)]
+    if "frozen" in batch:  # read from a cache: the answers' mask_ids were stored by build.extract
+        answers = [m.long() for m in batch["frozen"]["answer_mask_ids"]]
+    else:
+        answers = [selection.answer_mask_ids(m) for m in batch.get("host", batch)["mask_ids"]]
+    return [selection.token_tags(m, s) for m, s in zip(answers, batch["supervised"], strict=True)]
 
 
 def phrase_losses(out, batch):

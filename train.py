@@ -30,6 +30,7 @@ import data
 import eval as evaluation
 import head as heads
 import model
+import vlmbox
 from build import print0
 
 
@@ -174,7 +175,7 @@ def train(cfg, device, rank=0, world=1, show_config=True):
     torch.manual_seed(cfg.seed)  # the same initialisation on every rank
     config = cache.model_config(cfg) if cfg.cache_dir else qwen.config
     kwargs = build.grounder_kwargs(cfg, config)
-    grounder = build.build_grounder(kwargs, device)
+    grounder = build.build_grounder(kwargs, device, encoder=not cfg.cache_dir)  # cached: SAM's encoder never runs
     if cfg.cache_dir:
         loader, val_loaders = cache.build_train_loader(cfg), cache.build_val_loaders(cfg, cfg.val_data)
     else:
@@ -287,6 +288,8 @@ def train(cfg, device, rank=0, world=1, show_config=True):
                                 step)
     if writer is not None:
         writer.close()
+    if vlmbox.report():
+        print0(vlmbox.report())
     print0(f"checkpoint: {ckpt_path}")
     return metrics, grounder
 
@@ -306,9 +309,18 @@ def main(cfg):
             if ablation.cache_dir:  # its own cache: the phrase is part of what was extracted
                 cache.extract_all(ablation, rank, world, device)
             constant, _ = train(ablation, device, rank, world, show_config=False)
+            unet = None
+            if cfg.refiner:  # what the refiner adds: the same U-Net trained alone for the same epochs
+                alone = dataclasses.replace(ablation, constant_phrase="", refiner={},
+                                            out_dir=os.path.join(cfg.out_dir, "unet_alone"),
+                                            cache_dir=f"{cfg.cache_dir.rstrip('/')}_unet" if cfg.cache_dir else "")
+                print0(f"\nbaseline: the U-Net alone (refiner={{}}, out_dir={alone.out_dir}, otherwise the config above)")
+                if alone.cache_dir:
+                    cache.extract_all(alone, rank, world, device)
+                unet, _ = train(alone, device, rank, world, show_config=False)
             if rank == 0:
-                print0("\ngrounding vs the two baselines:")
-                table = evaluation.baselines_table(cfg.val_data, cfg.protocol, cfg.seed, metrics, constant)
+                print0("\ngrounding vs the baselines:")
+                table = evaluation.baselines_table(cfg.val_data, cfg.protocol, cfg.seed, metrics, constant, unet)
                 with open(os.path.join(cfg.out_dir, "baselines.json"), "w") as f:
                     json.dump(table, f, indent=1)
     finally:
