@@ -21,12 +21,14 @@ import torch
 from PIL import Image
 
 import build
+import chat
 import data
 import head as heads
 import model
 import qwen_inputs
 import refiner
 import synthetic
+import vlmbox
 
 PHRASES = ["the man in the red shirt", "a white dog on the left", "the bicycle near the wall"]
 TEXTS = ["You are a helpful assistant.", qwen_inputs.DEFAULT_PROMPT, *PHRASES] * 20
@@ -227,6 +229,27 @@ def bench_refiner(qwen, tokenizer, sam_name, bs, size, device, repeats, workdir)
     return res
 
 
+def bench_vlm_boxes(qwen, tokenizer, bs, size, device, repeats, new_tokens=vlmbox.MAX_NEW_TOKENS):
+    """refiner box=vlm: what asking the VLM for each phrase's box costs (one greedy generate of `new_tokens` tokens,
+    forced: random weights would stop anywhere) next to the frozen forward (maps) of the same sentences, batch bs of
+    one-phrase sequences. Paid once per sentence at extraction (build.extract), never again from a cache."""
+    rng = np.random.default_rng(2)
+    samples = [sample(tokenizer, rng, size, image_id=i) for i in range(bs)]
+    batch = model.to_device(qwen_inputs.collate([dict(s, **qwen_inputs.build_inputs(tokenizer, s["image_grid_thw"],
+                                                                                     PHRASES[:1])) for s in samples]),
+                            device)
+    prompts = [(*chat.prompt_ids(tokenizer, s["image_grid_thw"], vlmbox.question(PHRASES[0], qwen.config.model_type)),
+                s["pixel_values"], s["image_grid_thw"]) for s in samples]
+    qwen.generation_config.min_new_tokens = new_tokens  # a full-length answer every time
+    try:
+        t_box, _ = timed(lambda: vlmbox.generate(qwen, tokenizer, prompts, new_tokens), device, repeats, warmup=1)
+    finally:
+        qwen.generation_config.min_new_tokens = None
+    t_fwd, _ = timed(lambda: model.frozen_outputs(qwen, batch), device, repeats)
+    return {"batch": bs, "new_tokens": new_tokens, "boxes_s": t_box, "forward_s": t_fwd,
+            "ms_per_sentence": 1e3 * t_box / bs, "boxes_vs_forward": t_box / t_fwd}
+
+
 def bench_cache(model_dir, root, bs, device, workdir, args):
     """Sequences/s of a full training step (frozen outputs + head + AdamW) from cache.py's files vs online, both in
     the sentence layout on the synthetic images of the loader benchmark; extraction speed; the cached loader alone."""
@@ -398,6 +421,11 @@ def main():
             rows.append((f"step {name}, SAM {args.sam}, batch {best}", f"{ref[name]['ms_per_sample']:.1f} ms/sample",
                          f"+{ref[name]['peak_added_bytes'] / mb:.0f} MiB",
                          f"{ref[name]['step_s'] / ref['unet']['step_s']:.2f}x"))
+
+    # 4b. refiner box=vlm: the VLM's own box per sentence (a greedy generate) next to the frozen forward
+    box = res["vlm_boxes"] = bench_vlm_boxes(qwen, tokenizer, best, size, device, repeats)
+    rows.append((f"VLM boxes ({box['new_tokens']} tokens), batch {best}", f"{box['ms_per_sentence']:.1f} ms/sentence",
+                 f"forward {1e3 * box['forward_s'] / best:.1f} ms", f"{box['boxes_vs_forward']:.2f}x"))
 
     # 5. the DataLoader with workers vs what the training step consumes
     # enough images for several batches per worker; the first epoch starts the (persistent) workers, the second
