@@ -226,3 +226,21 @@ def test_detach_mask_stops_the_refined_loss_at_the_dense_prompt(tmp_path, detach
     else:
         assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in coarse)
     assert r.text_proj.weight.grad.abs().sum() > 0  # the refiner itself trains either way
+
+
+# ------------------------------------------------------------------------------------------------ the demo's table
+
+def test_a_refiner_runs_baselines_include_the_unet_alone(tiny_qwen, synthetic_root, tmp_path, monkeypatch):  # noqa
+    """With a refiner, baselines=true also trains the U-Net alone (refiner={}, same steps) and the table shows it;
+    the row is what eval.py gives its checkpoint."""
+    from test_train import run_eval
+    cfg = cache_config(tiny_qwen[0], synthetic_root, tmp_path, refiner=dict(sam="tiny", detach_mask=True),
+                       synthetic=dict(root=synthetic_root), max_steps=2, vis_samples=0, baselines=True, cache_dir="")
+    train.main(cfg)
+    table = json.load(open(tmp_path / "baselines.json"))
+    assert set(table) == {f"synthetic_val ({k})" for k in ("ours", "ours, U-Net only", "U-Net alone",
+                                                           "constant phrase", "random object")}
+    alone = torch.load(tmp_path / "unet_alone" / "ckpt.pt", weights_only=True)
+    assert alone["config"]["refiner"] == {} and alone["config"]["constant_phrase"] == "" and alone["step"] == 2
+    run_eval(monkeypatch, "--ckpt", str(tmp_path / "unet_alone" / "ckpt.pt"), "--out", str(tmp_path / "m.json"))
+    assert json.load(open(tmp_path / "m.json"))["results"]["synthetic_val"] == table["synthetic_val (U-Net alone)"]
