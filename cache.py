@@ -111,7 +111,8 @@ def frozen_meta(cfg):
         format=FORMAT, model=cfg.model, tiny_model=cfg.tiny_model if cfg.model == "tiny" else {}, dtype=cfg.dtype,
         min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, system=qwen_inputs.SYSTEM,
         prompt=qwen_inputs.DEFAULT_PROMPT, constant_phrase=cfg.constant_phrase, vision_features=cfg.vision_features,
-        refiner=_refiner_meta(cfg), selector=cfg.selector, storage=str(STORAGE).replace("torch.", ""), code=code_version()))
+        refiner=_refiner_meta(cfg), selector=cfg.selector, storage=str(STORAGE).replace("torch.", ""),
+        code=code_version()))
 
 
 def _refiner_meta(cfg):

@@ -314,7 +314,7 @@ def main(cfg):
                 alone = dataclasses.replace(ablation, constant_phrase="", refiner={},
                                             out_dir=os.path.join(cfg.out_dir, "unet_alone"),
                                             cache_dir=f"{cfg.cache_dir.rstrip('/')}_unet" if cfg.cache_dir else "")
-                print0(f"\nbaseline: the U-Net alone (refiner={{}}, out_dir={alone.out_dir}, otherwise the config above)")
+                print0(f"\nbaseline: the U-Net alone (refiner={{}}, out_dir={alone.out_dir}, otherwise as above)")
                 if alone.cache_dir:
                     cache.extract_all(alone, rank, world, device)
                 unet, _ = train(alone, device, rank, world, show_config=False)

@@ -3,7 +3,6 @@ generated through the same greedy decoding as chat.generate, cached beside the m
 one; training from the cache never generates and never runs SAM's image encoder); detach_mask stops the refined
 loss at the dense prompt; the cache records SAM by its weights; the selector trains from a cache."""
 import json
-import os
 
 import pytest
 import torch
@@ -154,8 +153,7 @@ def test_a_cached_box_equals_a_fresh_one_and_training_never_generates(tiny_qwen,
     assert metrics["synthetic_val"]["n"] == 36
 
 
-def test_training_from_a_cache_never_builds_the_image_encoder_into_the_refiner(tiny_qwen, synthetic_root, tmp_path,  # noqa
-                                                                               monkeypatch):
+def test_training_from_a_cache_never_runs_the_image_encoder(tiny_qwen, synthetic_root, tmp_path, monkeypatch):  # noqa
     """SAM's image encoder is never called from a cache (its forward raises here) and the refiner holds none."""
     cfg = cache_config(tiny_qwen[0], synthetic_root, tmp_path, refiner=dict(sam="tiny"),
                        synthetic=dict(root=synthetic_root), max_steps=2, vis_samples=0, val_data=[])
