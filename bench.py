@@ -203,9 +203,9 @@ def bench_refiner(qwen, tokenizer, sam_name, bs, size, device, repeats, workdir)
     opt = torch.optim.AdamW([p for p in grounder.parameters() if p.requires_grad], lr=1e-4)
     per_phrase_refiner = grounder.refiner.forward
 
-    def loop(coarse, embeddings, phrase_image, hidden, sam_sizes):  # F-LMM: one prompt encoder + decoder per phrase
-        return [per_phrase_refiner([c], embeddings, [i], [h], sam_sizes)[0]
-                for c, i, h in zip(coarse, phrase_image, hidden)]
+    def loop(coarse, embeddings, phrase_image, hidden, sam_sizes, boxes=None):  # F-LMM: one prompt encoder +
+        return [per_phrase_refiner([c], embeddings, [i], [h], sam_sizes, None if boxes is None else boxes[k:k + 1])[0]
+                for k, (c, i, h) in enumerate(zip(coarse, phrase_image, hidden))]  # decoder per phrase
 
     def step(refine):
         with autocast:
