@@ -190,10 +190,10 @@ def losses(out, batch):
 
 def answer_tags(batch):
     """A batch -> per sequence the (A_b,) B/I/O tags of its answer tokens: supervised phrases are the spans."""
-    if "frozen" in batch:  # read from a cache: the answers' mask_ids were stored by build.extract
-        answers = [m.long() for m in batch["frozen"]["answer_mask_ids"]]
-    else:
+    if "mask_ids" in batch.get("host", batch):
         answers = [selection.answer_mask_ids(m) for m in batch.get("host", batch)["mask_ids"]]
+    else:  # a cached batch has no token ids: build.extract stored each answer's mask_ids
+        answers = [m.long() for m in batch["frozen"]["answer_mask_ids"]]
     return [selection.token_tags(m, s) for m, s in zip(answers, batch["supervised"], strict=True)]
 
 
