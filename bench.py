@@ -29,6 +29,7 @@ import model
 import qwen_inputs
 import refiner
 import synthetic
+import vlmbox
 
 PHRASES = ["the man in the red shirt", "a white dog on the left", "the bicycle near the wall"]
 TEXTS = ["You are a helpful assistant.", qwen_inputs.DEFAULT_PROMPT, *PHRASES] * 20
@@ -215,9 +216,9 @@ def bench_refiner(qwen, tokenizer, sam_name, bs, size, device, repeats, workdir)
     opt = torch.optim.AdamW([p for p in grounder.parameters() if p.requires_grad], lr=1e-4)
     per_phrase_refiner = grounder.refiner.forward
 
-    def loop(coarse, embeddings, phrase_image, hidden, sam_sizes):  # F-LMM: one prompt encoder + decoder per phrase
-        return [per_phrase_refiner([c], embeddings, [i], [h], sam_sizes)[0]
-                for c, i, h in zip(coarse, phrase_image, hidden)]
+    def loop(coarse, embeddings, phrase_image, hidden, sam_sizes, boxes=None):  # F-LMM: one prompt encoder +
+        return [per_phrase_refiner([c], embeddings, [i], [h], sam_sizes, None if boxes is None else boxes[k:k + 1])[0]
+                for k, (c, i, h) in enumerate(zip(coarse, phrase_image, hidden))]  # decoder per phrase
 
     def step(refine):
         with autocast:
@@ -242,6 +243,27 @@ def bench_refiner(qwen, tokenizer, sam_name, bs, size, device, repeats, workdir)
              f"+{res[name]['peak_added_bytes'] / MB:.0f} MiB", f"{res[name]['step_s'] / res['unet']['step_s']:.2f}x")
             for name in ("unet", "refiner_batched", "refiner_per_phrase")]
     return dict(res, sam=sam_name), rows
+
+
+def bench_vlm_boxes(qwen, tokenizer, bs, size, device, repeats, new_tokens=vlmbox.MAX_NEW_TOKENS):
+    """refiner box=vlm: what asking the VLM for each phrase's box costs (one greedy generate of `new_tokens` tokens,
+    forced: random weights would stop anywhere) next to the frozen forward (maps) of the same sentences, batch bs of
+    one-phrase sequences. Paid once per sentence at extraction (build.extract), never again from a cache."""
+    rng = np.random.default_rng(2)
+    samples = [sample(tokenizer, rng, size, image_id=i) for i in range(bs)]
+    batch = model.to_device(qwen_inputs.collate([dict(s, **qwen_inputs.build_inputs(tokenizer, s["image_grid_thw"],
+                                                                                     PHRASES[:1])) for s in samples]),
+                            device)
+    prompts = [(*qwen_inputs.prompt_ids(tokenizer, s["image_grid_thw"], vlmbox.question(PHRASES[0], qwen.config.model_type)),
+                s["pixel_values"], s["image_grid_thw"]) for s in samples]
+    qwen.generation_config.min_new_tokens = new_tokens  # a full-length answer every time
+    try:
+        t_box, _ = timed(lambda: vlmbox.generate(qwen, tokenizer, prompts, new_tokens), device, repeats, warmup=1)
+    finally:
+        qwen.generation_config.min_new_tokens = None
+    t_fwd, _ = timed(lambda: model.frozen_outputs(qwen, batch), device, repeats)
+    return {"batch": bs, "new_tokens": new_tokens, "boxes_s": t_box, "forward_s": t_fwd,
+            "ms_per_sentence": 1e3 * t_box / bs, "boxes_vs_forward": t_box / t_fwd}
 
 
 def bench_cache(model_dir, root, bs, device, workdir, args):

@@ -6,6 +6,7 @@ Grounder, the datasets and loaders, the torchrun setup and the checkpoint reader
 """
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import inspect
 import json
@@ -27,6 +28,7 @@ import qwen_inputs
 import refiner
 import selector as selection
 import synthetic
+import vlmbox
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -42,7 +44,9 @@ class Config:
     vision_features: bool = False  # also feed the frozen vision tower's patch features to the head's decoder
     refiner: dict = field(default_factory=dict)  # F-LMM's SAM refiner; empty = off. sam: Hub id, local dir, "tiny"
     # (random) or "synthetic" (the demo's: tiny, trained on the synthetic masks once); text_layers: how many last VLM
-    # layers' hidden states form its text prompt (0 = all, as F-LMM)
+    # layers' hidden states form its text prompt (0 = all, as F-LMM); box: mask (the coarse mask's, F-LMM) or vlm (the
+    # frozen VLM's own box, generated once per sentence: vlmbox.py); detach_mask: true stops the refined loss at the
+    # dense prompt (the U-Net then trains on its own loss only; F-LMM: false)
     selector: dict = field(default_factory=dict)  # the learned phrase selector (chat.py); empty = off. layers: how
     # many last VLM layers' hidden states of the answer tokens it reads (0 = all); width: its channels (default 128)
     # data
@@ -113,7 +117,7 @@ def _keywords(fn, *computed):
 # The keys each nested block takes: the keyword arguments of what it configures, less those computed from the VLM.
 NESTED = dict(head=_keywords(heads.MaskHead.__init__, "self", "in_channels", "vision_channels", "token_px"),
               tiny_model=_keywords(synthetic.build_tiny_qwen, "out_dir", "texts"),
-              synthetic=_keywords(synthetic.make_synthetic), refiner=["sam", "text_layers"], selector=["layers", "width"])
+              synthetic=_keywords(synthetic.make_synthetic), refiner=["sam", "text_layers", "box", "detach_mask"], selector=["layers", "width"])
 
 
 def config_from_dict(raw, where="config"):
@@ -303,6 +307,39 @@ def prepare_sam(cfg):
         dist.barrier()
 
 
+REFINER_DEFAULTS = dict(box="mask", detach_mask=False)  # F-LMM's: the coarse mask's box, the mask prompt not detached
+
+
+def check_refiner(cfg):
+    """cfg.refiner: sam (required), text_layers, box (mask | vlm), detach_mask (bool); anything else is an error."""
+    r = cfg.refiner
+    unknown = sorted(set(r) - {"sam", "text_layers", *REFINER_DEFAULTS})
+    if unknown or "sam" not in r or r.get("box", "mask") not in ("mask", "vlm") \
+            or not isinstance(r.get("detach_mask", False), bool):
+        raise SystemExit(f"refiner: needs sam (a Hub id, a local dir, tiny or synthetic), optionally text_layers, box "
+                         f"(mask: the coarse mask's box, F-LMM; vlm: the frozen VLM's own box) and detach_mask "
+                         f"(true|false); got {r}")
+
+
+def sam_sha1(name_or_path):
+    """sha1 (16 hex digits) of a SAM checkpoint's weight files (*.safetensors, else *.bin), in name order: what a
+    cache of its image embeddings depends on (cache.frozen_meta), whatever the checkpoint is called. A Hub id is
+    resolved to its downloaded snapshot (downloading it if needed, as load_sam would)."""
+    folder = name_or_path
+    if not os.path.isdir(folder):
+        from huggingface_hub import snapshot_download
+        folder = snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.bin"])
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors"))) or sorted(glob.glob(os.path.join(folder, "*.bin")))
+    if not files:
+        raise FileNotFoundError(f"SAM checkpoint {name_or_path!r}: no *.safetensors or *.bin weight file in {folder}")
+    h = hashlib.sha1()
+    for path in files:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 def grounder_kwargs(cfg, config):
     """The constructor arguments of the trainable modules for this VLM's config (`qwen.config`, or a cache's
     `cache.model_config`; saved in the checkpoint)."""
@@ -312,11 +349,14 @@ def grounder_kwargs(cfg, config):
                 token_px=vision.patch_size * vision.spatial_merge_size, **cfg.head)
     refine = None
     if cfg.refiner:
-        sam = sam_path(cfg)
+        check_refiner(cfg)
         layers = cfg.refiner.get("text_layers", 0) or text.num_hidden_layers
         if not 0 < layers <= text.num_hidden_layers:
             raise SystemExit(f"refiner.text_layers must be in 1..{text.num_hidden_layers} (0 = all), got {layers}")
-        refine = dict(sam=sam, hidden_size=text.hidden_size, text_layers=layers)
+        refine = dict(sam=sam_path(cfg), hidden_size=text.hidden_size, text_layers=layers)
+        # box / detach_mask only when not F-LMM's defaults: older checkpoints' kwargs stay equal (resume compares them)
+        refine.update({k: cfg.refiner[k] for k, default in REFINER_DEFAULTS.items()
+                       if cfg.refiner.get(k, default) != default})
     kwargs = dict(head=head, refiner=refine)
     if cfg.selector:  # the key only with a selector: older checkpoints' kwargs stay equal (resume compares them)
         layers = cfg.selector.get("layers", 0) or text.num_hidden_layers
@@ -327,14 +367,16 @@ def grounder_kwargs(cfg, config):
     return kwargs
 
 
-def build_grounder(kwargs, device="cpu"):
+def build_grounder(kwargs, device="cpu", encoder=True):
     """Grounder from grounder_kwargs (or a checkpoint's copy of them): the MaskHead, and the Refiner around the SAM
-    named there (its frozen image encoder loaded from that checkpoint, never saved with ours)."""
+    named there (its frozen image encoder loaded from that checkpoint, never saved with ours). encoder=False: the
+    Refiner without SAM's image encoder (training from a cache, whose image embeddings are already extracted)."""
     refine = None
     if kwargs["refiner"]:
         r = kwargs["refiner"]
         refine = refiner.Refiner(refiner.load_sam(r["sam"], device=device), hidden_size=r["hidden_size"],
-                                 text_layers=r["text_layers"])
+                                 text_layers=r["text_layers"], encoder=encoder,
+                                 **{k: r[k] for k in REFINER_DEFAULTS if k in r})
     select = selection.Selector(**kwargs["selector"]) if kwargs.get("selector") else None
     return heads.Grounder(heads.MaskHead(**kwargs["head"]), refine, select).to(device)
 
@@ -357,6 +399,8 @@ def extract(qwen, grounder, batch):
     frozen = model.frozen_outputs(qwen, batch, vision=grounder.head.vision_channels > 0,
                                   hidden_layers=refine.layer_weights.numel() if refine is not None else 0,
                                   answer_layers=select.layer_weights.numel() if select is not None else 0)
+    if select is not None:  # the selector's targets need each answer's mask_ids: a cache keeps them (no input_ids)
+        frozen["answer_mask_ids"] = [m for _, _, m in heads.answer_mask_ids(batch)]  # per sentence
     if refine is not None:  # SAM's image encoder once per distinct image (the sentence layout repeats images)
         row = {}  # image_id -> its row among the distinct images, in first-seen order
         for image_id in batch["image_id"]:
@@ -365,6 +409,8 @@ def extract(qwen, grounder, batch):
         embeddings = refine.image_embeddings(torch.stack([batch["sam_pixel_values"][first[i]] for i in row]))
         index = torch.tensor([row[image_id] for image_id in batch["image_id"]], device=embeddings.device)
         frozen.update(sam_embeddings=embeddings[index], sam_sizes=batch["sam_size"])
+        if refine.box == "vlm":  # the VLM's own box for each phrase, generated once (then cached with the rest)
+            frozen["vlm_box"] = vlmbox.vlm_boxes(qwen, batch)
     return frozen
 
 

@@ -111,7 +111,17 @@ def frozen_meta(cfg):
         format=FORMAT, model=cfg.model, tiny_model=cfg.tiny_model if cfg.model == "tiny" else {}, dtype=cfg.dtype,
         min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, system=qwen_inputs.SYSTEM,
         prompt=qwen_inputs.DEFAULT_PROMPT, constant_phrase=cfg.constant_phrase, vision_features=cfg.vision_features,
-        refiner=cfg.refiner, selector=cfg.selector, storage=str(STORAGE).replace("torch.", ""), code=code_version()))
+        refiner=_refiner_meta(cfg), selector=cfg.selector, storage=str(STORAGE).replace("torch.", ""),
+        code=code_version()))
+
+
+def _refiner_meta(cfg):
+    """The refiner settings the frozen outputs depend on (SAM, by its weights' hash; text_layers; box), not those that
+    only train (detach_mask): a run with detach_mask=true reads the same cache."""
+    if not cfg.refiner:
+        return {}
+    frozen = {k: v for k, v in cfg.refiner.items() if k in ("sam", "text_layers", "box") and v != "mask"}
+    return dict(frozen, sam_sha1=build.sam_sha1(build.sam_path(cfg)))
 
 
 def _differences(stored, expected):
@@ -421,6 +431,8 @@ def _per_sentence(batch, frozen):
         value = frozen.get(key)
         if value is not None:
             out[key] = value[torch.tensor(row, device=value.device)] if torch.is_tensor(value) else [value[b] for b in row]
+    if frozen.get("vlm_box") is not None:  # per row, a box per phrase -> per sentence
+        out["vlm_box"] = [[box] for boxes in frozen["vlm_box"] for box in boxes]
     return view, out
 
 

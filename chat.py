@@ -38,38 +38,14 @@ COT_PROMPT = "{question} Answer with the name of the object only, in a few words
 
 # ------------------------------------------------------------------------------------------------ answer
 
-def prompt_ids(tokenizer, image_grid_thw, question):
-    """The chat up to the assistant's turn, laid out exactly as qwen_inputs.build_inputs lays out the part before
-    the phrases: 1-D int64 input_ids and mm_token_type_ids (1 on <|image_pad|>)."""
-    before, after = qwen_inputs._template_ids(tokenizer, question)
-    n_image = int(torch.as_tensor(image_grid_thw).prod()) // (qwen_inputs.MERGE ** 2)
-    ids = torch.tensor(list(before) + [tokenizer.convert_tokens_to_ids("<|image_pad|>")] * n_image + list(after))
-    mm = torch.zeros_like(ids)
-    mm[len(before):len(before) + n_image] = 1
-    return ids, mm
-
-
-@torch.no_grad()
 def generate(qwen, tokenizer, images, questions, image_settings, *, max_new_tokens=64, **sampling):
-    """PIL images + questions -> the VLM's answers (str), one batched, left-padded `qwen.generate`. sampling:
-    transformers' generate arguments (do_sample, temperature, top_p, top_k); greedy without them."""
-    device = qwen.device
+    """PIL images + questions -> the VLM's answers (str), one batched, left-padded `qwen.generate` (model.generate).
+    sampling: transformers' generate arguments (do_sample, temperature, top_p, top_k); greedy without them."""
     prompts = []
     for image, question in zip(images, questions, strict=True):
         pixel_values, grid = qwen_inputs.patchify(image, **image_settings)
-        prompts.append((*prompt_ids(tokenizer, grid, question), pixel_values, grid))
-    S = max(len(p[0]) for p in prompts)
-    pad, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>"))
-
-    def left(i, value):  # left padding: every answer starts at position S
-        return torch.stack([F.pad(p[i], (S - len(p[i]), 0), value=value) for p in prompts]).to(device)
-    inputs = dict(input_ids=left(0, pad), mm_token_type_ids=left(1, 0),
-                  attention_mask=torch.stack([torch.arange(S) >= S - len(p[0]) for p in prompts]).long().to(device),
-                  pixel_values=torch.cat([p[2] for p in prompts]).to(device, qwen.dtype),
-                  image_grid_thw=torch.cat([p[3] for p in prompts]).to(device))
-    out = qwen.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=end,
-                        synced_gpus=evaluation.sharded(qwen), **sampling)
-    return [tokenizer.decode(seq[S:], skip_special_tokens=True).strip() for seq in out]
+        prompts.append((*qwen_inputs.prompt_ids(tokenizer, grid, question), pixel_values, grid))
+    return model.generate(qwen, tokenizer, prompts, max_new_tokens=max_new_tokens, **sampling)
 
 
 # ------------------------------------------------------------------------------------------------ ground
@@ -79,7 +55,7 @@ def answer_inputs(tokenizer, image_grid_thw, question, answer):
     phrase (mask_ids t on token t), so that one forward yields each token's maps and hidden states and any span's
     maps are the mean of its tokens' (the capture averages a phrase's rows the same way). Also `offsets`: the
     (start, end) characters of each answer token in `answer`."""
-    ids, mm = prompt_ids(tokenizer, image_grid_thw, question)
+    ids, mm = qwen_inputs.prompt_ids(tokenizer, image_grid_thw, question)
     enc = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
     if not enc["input_ids"]:
         raise ValueError(f"the answer {answer!r} has no tokens to ground")

@@ -129,7 +129,7 @@ def evaluate(qwen, grounder, loader, device, kind="refer", autocast=contextlib.n
     grounder.eval()
     rows, spans = {k: [] for k in kinds}, []  # per phrase: (I, U, flags, predicted pixels); per sequence: spans
     batches = min(max_batches or len(loader), len(loader))
-    lockstep = sharded(qwen)
+    lockstep = model.sharded(qwen)
     if lockstep:  # a sharded VLM needs every rank in every forward: all run as many as the longest shard
         count = torch.tensor(batches, device=device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
@@ -231,8 +231,9 @@ def random_object_metrics(spec, protocol="standard", seed=0):
     return mask_metrics(preds, gts)
 
 
-def baselines_table(specs, protocol, seed, ours, constant=None):
-    """Our metrics beside the constant-phrase head's (when trained) and a random object's, per split; printed and
+def baselines_table(specs, protocol, seed, ours, constant=None, unet=None):
+    """Our metrics beside the constant-phrase head's (when trained), the U-Net trained alone (unet: with a refiner)
+    and a random object's, per split; printed and
     returned as {"<split> (ours)": metrics, ...}."""
     table = {}
     for spec in specs:
@@ -240,6 +241,8 @@ def baselines_table(specs, protocol, seed, ours, constant=None):
         for kind, tag in (("final", ""), ("coarse", ", U-Net only")):  # a refiner's run: its U-Net's own masks too
             if ROW[kind].format(split=name) in ours:
                 table[f"{name} (ours{tag})"] = ours[ROW[kind].format(split=name)]
+        if unet is not None:  # a refiner's run: the same U-Net trained alone for the same epochs
+            table[f"{name} (U-Net alone)"] = unet[ROW["final"].format(split=name)]
         if constant is not None:
             table[f"{name} (constant phrase)"] = next(constant[ROW[k].format(split=name)] for k in ROW
                                                       if ROW[k].format(split=name) in constant)
@@ -252,12 +255,6 @@ def baselines_table(specs, protocol, seed, ours, constant=None):
 # ---------------------------------------------------------------------------------------------- pictures
 
 # Colours no synthetic object has (red, green, blue, yellow, purple on light grey): visible on every object.
-def sharded(qwen):
-    """Whether the frozen VLM is spread over the ranks (build: shard=true), so every rank must join every forward."""
-    return qwen is not None and dist.is_initialized() and any(
-        type(p).__name__ == "DTensor" for p in qwen.parameters())
-
-
 def write_overlays(qwen, grounder, loader, n, folder, device, autocast=contextlib.nullcontext(), coarse=False):
     """One PNG per phrase (expression, prediction, truth) for the first n distinct images of a loader's dataset
     (coarse: the U-Net's masks). Written by rank 0; with a sharded VLM every rank must call it (they all run the
@@ -293,7 +290,7 @@ def report(qwen, grounder, loaders, device, autocast, out_dir, vis=0, writer=Non
     own masks, as "<split> (U-Net only)": F-LMM's ablation in one table."""
     metrics = evaluate_all(qwen, grounder, loaders, device, autocast, kinds=mask_kinds(grounder, coarse))
     if int(os.environ.get("RANK", 0)) != 0:
-        if sharded(qwen):  # rank 0 writes the overlays, but every rank must join their forwards
+        if model.sharded(qwen):  # rank 0 writes the overlays, but every rank must join their forwards
             for name, (loader, _) in list(loaders.items())[:1] if vis else []:
                 write_overlays(qwen, grounder, loader, vis, os.path.join(out_dir, "vis", name), device, autocast)
         return metrics
@@ -396,7 +393,7 @@ def main():
         loaders_c = (cached.build_val_loaders(cfg_c, specs) if args.cache else
                      build.build_val_loaders(cfg_c, tokenizer_c, specs, build.sam_size(grounder_c)))
         constant = evaluate_all(qwen_c, grounder_c, loaders_c, device, autocast, kinds=kinds)
-    if args.vis and (rank == 0 or sharded(qwen)):
+    if args.vis and (rank == 0 or model.sharded(qwen)):
         for name, (loader, _) in loaders.items():  # beside the training run's vis/, never over it
             folder = os.path.join(out_dir, "eval_vis", f"{name}_{cfg.protocol}" + ("_coarse" if args.coarse else ""))
             write_overlays(qwen, grounder, loader, args.vis, folder, device, autocast, args.coarse)

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import selector as selection
+import vlmbox
 
 
 def same_size_groups(tensors):
@@ -125,7 +126,8 @@ class Grounder(nn.Module):
 
     def frozen_parameters(self):
         """The refiner's frozen SAM image encoder (not a registered submodule; counted for the log line)."""
-        return list(self.refiner.vision_encoder.parameters()) if self.refiner is not None else []
+        encoder = self.refiner.vision_encoder if self.refiner is not None else None
+        return list(encoder.parameters()) if encoder is not None else []
 
     def dummy_inputs(self, device):
         """The smallest frozen-outputs dict (one phrase of 1x1 tokens) for a zero-weighted pass (train.idle_backward)."""
@@ -136,7 +138,7 @@ class Grounder(nn.Module):
             e = r.mask_size // 4  # the embedding grid
             frozen.update(hidden=[torch.zeros(1, r.layer_weights.numel(), r.text_proj.in_features, device=device)],
                           sam_embeddings=torch.zeros(1, r.text_proj.out_features, e, e, device=device),
-                          sam_sizes=[(r.size, r.size)])
+                          sam_sizes=[(r.size, r.size)], **({"vlm_box": [[None]]} if r.box == "vlm" else {}))
         if self.selector is not None:
             frozen["answer"] = [torch.zeros(1, self.selector.layer_weights.numel(), self.selector.norm.normalized_shape[0],
                                             device=device)]
@@ -147,8 +149,10 @@ class Grounder(nn.Module):
         feats = None if vision is None else [vision[i] for i in frozen["phrase_image"]]  # each phrase its image's
         out = dict(coarse=self.head(frozen["maps"], feats))
         if self.refiner is not None:
+            boxes = None if self.refiner.box == "mask" else vlmbox.sam_boxes(
+                frozen["vlm_box"], out["coarse"], frozen["phrase_image"], frozen["sam_sizes"])  # the VLM's own
             out["refined"] = self.refiner(out["coarse"], frozen["sam_embeddings"], frozen["phrase_image"],
-                                          frozen["hidden"], frozen["sam_sizes"])
+                                          frozen["hidden"], frozen["sam_sizes"], boxes)
         if self.selector is not None:
             out["select"] = self.selector(frozen["answer"])
         return out
@@ -192,15 +196,24 @@ def losses(out, batch):
 def answer_tags(batch):
     """A batch -> per sentence (batch then sentence order: a packed sample holds several) the (A,) B/I/O tags of its
     answer tokens, the answer frozen_outputs returns: supervised phrases are the spans."""
-    host = batch.get("host", batch)
-    tags = []
-    for b, (m, supervised) in enumerate(zip(host["mask_ids"], batch["supervised"], strict=True)):
+    if "frozen" in batch and "answer_mask_ids" in batch["frozen"]:  # cached: one sentence a sample, no token ids
+        return [selection.token_tags(m.long(), s) for m, s in zip(batch["frozen"]["answer_mask_ids"],
+                                                                    batch["supervised"], strict=True)]
+    return [selection.token_tags(m, batch["supervised"][b][first:]) for b, first, m in answer_mask_ids(batch)]
+
+
+def answer_mask_ids(batch):
+    """Per sentence (batch then sentence order) of a batch with token ids: (its sample, the index of its first phrase
+    there, its answer's (A,) mask_ids with its phrases numbered from 0) (build.extract caches the last for the
+    selector)."""
+    host, out = batch.get("host", batch), []
+    for b, m in enumerate(host["mask_ids"]):
         seg = host["segment_ids"][b] if "segment_ids" in host else (torch.cumsum(m >= 0, 0) > 0).long()
         for s in range(1, int(seg.max()) + 1):
             own = selection.answer_mask_ids(torch.where(seg == s, m, -1))  # (A,) phrase ids of this sentence
-            first = int(own[own >= 0].min())  # renumbered from 0, its phrases' flags with them
-            tags.append(selection.token_tags(torch.where(own >= 0, own - first, -1), supervised[first:]))
-    return tags
+            first = int(own[own >= 0].min())
+            out.append((b, first, torch.where(own >= 0, own - first, -1)))
+    return out
 
 
 def sentence_count(batch):

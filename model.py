@@ -73,6 +73,35 @@ def shard_qwen(qwen, device):
     return qwen
 
 
+def sharded(qwen):
+    """Whether the frozen VLM is spread over the ranks (shard_qwen), so that every rank must join every forward."""
+    return qwen is not None and dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in qwen.parameters())
+
+
+@torch.no_grad()
+def generate(qwen, tokenizer, prompts, *, max_new_tokens=64, special=False, **sampling):
+    """Prompts laid out up to the assistant turn (qwen_inputs.prompt_ids: input_ids, mm_token_type_ids, with their
+    pixel_values and image_grid_thw (1, 3)) -> the VLM's answers (str), one batched, left-padded `qwen.generate` (every
+    answer starts at the same position). Greedy unless sampling (transformers' do_sample, temperature, top_p, top_k).
+    Each answer ends at its <|im_end|>; special: keep the special tokens inside it (Qwen2-VL's box tokens)."""
+    S = max(len(p[0]) for p in prompts)
+    pad, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>"))
+
+    def left(i, value):
+        return torch.stack([F.pad(p[i], (S - len(p[i]), 0), value=value) for p in prompts]).to(qwen.device)
+    inputs = dict(input_ids=left(0, pad), mm_token_type_ids=left(1, 0),
+                  attention_mask=torch.stack([torch.arange(S) >= S - len(p[0]) for p in prompts]).long().to(qwen.device),
+                  pixel_values=torch.cat([p[2] for p in prompts]).to(qwen.device, qwen.dtype),
+                  image_grid_thw=torch.cat([torch.as_tensor(p[3]).reshape(1, 3) for p in prompts]).to(qwen.device))
+    out = qwen.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=end,
+                        synced_gpus=sharded(qwen), **sampling)
+    texts = []
+    for seq in out[:, S:].tolist():
+        stop = next((i for i, t in enumerate(seq) if t in (pad, end)), len(seq))
+        texts.append(tokenizer.decode(seq[:stop], skip_special_tokens=not special).strip())
+    return texts
+
+
 def use_fast_attention(qwen):
     """Text layers on SDPA with phrase capture, vision blocks on one padded SDPA call per block. Without a
     PhraseCapture the model computes exactly what stock SDPA computes (chat and generate are unaffected)."""

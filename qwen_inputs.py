@@ -187,6 +187,14 @@ def _sample(ids, mask_ids, image_start, n_image, segment_ids=None):
     return out
 
 
+def prompt_ids(tokenizer, image_grid_thw, prompt):
+    """The chat up to the assistant's turn with `prompt` as the user's question, as build_inputs lays out the part
+    before the phrases (chat.py and the VLM's boxes generate from it): 1-D int64 input_ids, mm_token_type_ids."""
+    ids, image_start, n_image = _prefix_ids(tokenizer, image_grid_thw, prompt)
+    sample = _sample(ids, [-1] * len(ids), image_start, n_image)
+    return sample["input_ids"], sample["mm_token_type_ids"]
+
+
 def build_inputs(tokenizer, image_grid_thw, phrases, prompt=DEFAULT_PROMPT, sep="\n", max_length=None):
     """One sample's token sequence, laid out from pieces so every phrase span is known by construction.
 

@@ -118,13 +118,17 @@ class Refiner(nn.Module):
     """SAM's prompt encoder and mask decoder, prompted per phrase by its coarse mask (dense), the box of that mask
     and its tokens' hidden states (one sparse token each), over the frozen image encoder's embeddings."""
 
-    def __init__(self, sam, *, hidden_size, text_layers):
+    def __init__(self, sam, *, hidden_size, text_layers, box="mask", detach_mask=False, encoder=True):
         """sam: a `SamModel` (its parts are taken, not copied); hidden_size: the VLM's; text_layers: how many of
-        its last decoder layers give the phrase tokens' hidden states."""
+        its last decoder layers give the phrase tokens' hidden states; box: "mask" (each phrase's coarse-mask box,
+        F-LMM) or "vlm" (boxes given to forward); detach_mask: the dense prompt gets the coarse logits detached, so
+        the refined loss does not reach the U-Net; encoder=False: SAM's image encoder is dropped (training from
+        cached image embeddings never runs it; image_embeddings then raises)."""
         super().__init__()
+        self.box, self.detach_mask = box, detach_mask
         # Frozen and outside the module tree: state_dict, parameters(), train() and DDP never see it (`_apply` below
         # still moves it with .to()); this is also why it is never saved with the trainable parts.
-        object.__setattr__(self, "vision_encoder", sam.vision_encoder.requires_grad_(False).eval())
+        object.__setattr__(self, "vision_encoder", sam.vision_encoder.requires_grad_(False).eval() if encoder else None)
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
         # Frozen, as in segment-anything where the random Fourier matrix is a buffer (transformers: a Parameter).
@@ -143,32 +147,41 @@ class Refiner(nn.Module):
         self.layer_weights = nn.Parameter(torch.zeros(text_layers))  # logits of the layer mix: uniform at start
 
     def _apply(self, fn, recurse=True):
-        self.vision_encoder._apply(fn, recurse)  # unregistered, but it must follow .to(device) / .cuda()
+        if self.vision_encoder is not None:
+            self.vision_encoder._apply(fn, recurse)  # unregistered, but it must follow .to(device) / .cuda()
         return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def image_embeddings(self, sam_pixel_values):
         """float (B, 3, S, S) from `sam_image` -> (B, C, S/16, S/16), frozen. Once per image: its phrases share it."""
+        if self.vision_encoder is None:
+            raise RuntimeError("this Refiner was built without SAM's image encoder (encoder=False: for cached image "
+                               "embeddings); build it with encoder=True to embed images")
         if sam_pixel_values.shape[1:] != (3, self.size, self.size):
             raise ValueError(f"sam_pixel_values: expected (B, 3, {self.size}, {self.size}) for this SAM, got "
                              f"{tuple(sam_pixel_values.shape)}; build them with sam_image(image, size={self.size})")
         dtype = self.vision_encoder.patch_embed.projection.weight.dtype
         return self.vision_encoder(sam_pixel_values.to(dtype)).last_hidden_state
 
-    def forward(self, coarse, embeddings, phrase_image, hidden, sam_sizes):
+    def forward(self, coarse, embeddings, phrase_image, hidden, sam_sizes, boxes=None):
         """Refine every phrase of a batch.
 
         coarse: list of N float (h_k, w_k) U-Net logits, each over its whole image (any resolution, same aspect);
         embeddings: (B, C, e, e) from `image_embeddings`; phrase_image: N ints, the image of each phrase;
         hidden: list of N float (T_k, text_layers, hidden_size), the phrase tokens' hidden states (last layers);
-        sam_sizes: B (rh, rw) from `sam_image`. Returns a list of N float (rh, rw) refined logits.
+        sam_sizes: B (rh, rw) from `sam_image`; boxes: None (each phrase's coarse-mask box, F-LMM) or N float (4,)
+        box prompts (x0, y0, x1, y1) in its `sam_sizes` frame (vlmbox.sam_boxes). Returns a list of N float (rh, rw)
+        refined logits.
 
         The prompt encoder runs once for all phrases; the mask decoder once per distinct token count T_k. SAM has no
         padding mask for sparse tokens (its token self-attention and image-to-token attention would see the padding),
         so phrases are grouped by length instead of padded: exact, and the batch's lengths are few."""
         sizes = [sam_sizes[i] for i in phrase_image]  # (rh, rw) of each phrase's image
-        masks = torch.cat([mask_prompt(c, s, self.size, self.mask_size) for c, s in zip(coarse, sizes)])  # (N,1,m,m)
-        boxes = torch.stack([box_of(c, s) for c, s in zip(coarse, sizes)])[:, None]  # (N, 1, 4)
+        dense_in = [c.detach() for c in coarse] if self.detach_mask else coarse  # detached: the U-Net's own loss only
+        masks = torch.cat([mask_prompt(c, s, self.size, self.mask_size) for c, s in zip(dense_in, sizes)])  # (N,1,m,m)
+        if boxes is None:
+            boxes = torch.stack([box_of(c, s) for c, s in zip(coarse, sizes)])
+        boxes = boxes[:, None]  # (N, 1, 4)
         sparse, dense = self.prompt_encoder(input_points=None, input_labels=None, input_boxes=boxes, input_masks=masks)
         # sparse (N, 1, 2, C): the box corners; dense (N, C, e, e)
         tokens = torch.cat(hidden)  # (sum T_k, L, D)

@@ -34,6 +34,7 @@ import eval as evaluation
 import ground
 import head as heads
 import model
+import vlmbox
 from build import print0
 
 
@@ -132,7 +133,7 @@ def idle_backward(qwen, grounder, good, device):
     leaving them waiting: the sharded VLM's forward (shard: true; on `good`, this rank's last usable batch, the
     result discarded, as eval's lockstep does) and DDP's gradient all-reduce (a zero-weighted forward/backward on
     dummy inputs)."""
-    if evaluation.sharded(qwen):
+    if model.sharded(qwen):
         if good is None:
             raise RuntimeError("shard: true with skip_bad: this rank's first micro-batch held no readable sample, so "
                                "it has no batch to join the other ranks' sharded forward with; fix or drop the files")
@@ -180,7 +181,7 @@ def periodic_eval(qwen, grounder, val_loaders, device, autocast, cfg, writer, st
 
 def board_maps(qwen, grounder, val_loaders, device, autocast, cfg, writer, step, heads_per_layer):
     """Tensorboard: what the VLM attends to for the first val phrases (ground.loader_pictures), at every eval."""
-    if cfg.vis_every and val_loaders and (writer is not None or evaluation.sharded(qwen)):  # sharded: all ranks run
+    if cfg.vis_every and val_loaders and (writer is not None or model.sharded(qwen)):  # sharded: all ranks run
         loader, _ = next(iter(val_loaders.values()))
         picture = ground.loader_pictures(qwen, grounder, loader, device, heads_per_layer, autocast=autocast)
         if writer is not None:
@@ -203,7 +204,7 @@ def train(cfg, device, rank=0, world=1):
     torch.manual_seed(cfg.seed)  # the same initialisation on every rank
     config = cache.model_config(cfg) if cfg.cache_dir else qwen.config
     kwargs = build.grounder_kwargs(cfg, config)
-    grounder = build.build_grounder(kwargs, device)
+    grounder = build.build_grounder(kwargs, device, encoder=not cfg.cache_dir)  # cached: SAM's encoder never runs
     if cfg.cache_dir:
         loader, val_loaders = cached.build_train_loader(cfg), cached.build_val_loaders(cfg, cfg.val_data)
     else:
@@ -313,6 +314,8 @@ def train(cfg, device, rank=0, world=1):
     board_maps(qwen, grounder, val_loaders, device, autocast, cfg, writer, step, config.text_config.num_attention_heads)
     if writer is not None:
         writer.close()
+    if vlmbox.report():
+        print0(vlmbox.report())
     print0(f"checkpoint: {ckpt_path}")
     return metrics, grounder
 
@@ -344,9 +347,18 @@ def run(cfg, rank, world, device):
         if ablation.cache_dir:  # its own cache: the phrase is part of what was extracted
             cache.extract_all(ablation, rank, world, device)
         constant, _ = train(ablation, device, rank, world)
+        unet = None
+        if cfg.refiner:  # what the refiner adds: the same U-Net trained alone for the same epochs
+            alone = dataclasses.replace(ablation, constant_phrase="", refiner={},
+                                        out_dir=os.path.join(cfg.out_dir, "unet_alone"),
+                                        cache_dir=f"{cfg.cache_dir.rstrip('/')}_unet" if cfg.cache_dir else "")
+            print0(f"\nbaseline: the U-Net alone (refiner={{}}, out_dir={alone.out_dir}, otherwise as above)")
+            if alone.cache_dir:
+                cache.extract_all(alone, rank, world, device)
+            unet, _ = train(alone, device, rank, world)
         if rank == 0:
-            print0("\ngrounding vs the two baselines:")
-            table = evaluation.baselines_table(cfg.val_data, cfg.protocol, cfg.seed, metrics, constant)
+            print0("\ngrounding vs the baselines:")
+            table = evaluation.baselines_table(cfg.val_data, cfg.protocol, cfg.seed, metrics, constant, unet)
             with open(os.path.join(cfg.out_dir, "baselines.json"), "w") as f:
                 json.dump(table, f, indent=1)
     return metrics

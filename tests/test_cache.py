@@ -213,10 +213,12 @@ def test_a_cache_that_does_not_match_the_config_is_refused(extracted, tmp_path):
                           (dict(constant_phrase="the object"), "constant_phrase: the cache has '', the config gives "
                                                                "'the object'"),
                           (dict(model="other"), "model: the cache has"),
-                          (dict(refiner=dict(sam="tiny")), "refiner: the cache has {}, the config gives {'sam': 'tiny'}"),
+                          (dict(refiner=dict(sam="tiny"), synthetic=dict(root=str(tmp_path))),  # SAM by its weights
+                           "refiner: the cache has {}, the config gives {'sam': 'tiny', 'sam_sha1': '"),
                           (dict(selector=dict(layers=1)), "selector: the cache has {}, the config gives {'layers': 1}"),
                           (dict(layout="image"), "set layout=sentence"),
                           (dict(protocol="flmm"), "must run online")):
+        build.prepare_sam(dataclasses.replace(cfg, **change))  # the tiny SAM whose weights the cache would record
         with pytest.raises(SystemExit, match=re.escape(named)):
             cached.build_train_loader(dataclasses.replace(cfg, **change))
     with pytest.raises(SystemExit, match="max_pixels: the cache has 0"):  # nor extracted into it

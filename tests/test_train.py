@@ -538,7 +538,7 @@ def test_config_errors_name_the_block_and_the_culprit(tmp_path):
     cfg_file.write_text("batch_size: 3\n")
     for override, message in (("head={base: 8, sise: 16}", r"head takes the keys \['base', 'size'\]; unknown: \['sise'\]"),
                               ("tiny_model={layer: 2}", r"tiny_model takes the keys .*'layers'.*unknown: \['layer'\]"),
-                              ("refiner={sam: tiny, layers: 2}", r"refiner takes the keys \['sam', 'text_layers'\]"),
+                              ("refiner={sam: tiny, layers: 2}", r"refiner takes the keys \['sam', 'text_layers', 'box', 'detach_mask'\]"),
                               ("refiner={text_layers: 2}", "refiner needs sam"),
                               ("selector={width: 8, depth: 2}", r"selector takes the keys \['layers', 'width'\]"),
                               ("synthetic={num_trian: 3}", r"synthetic takes the keys .*unknown: \['num_trian'\]"),
