@@ -220,15 +220,16 @@ def grounder_kwargs(cfg, config):
     if cfg.refiner:
         unknown = sorted(set(cfg.refiner) - {"sam", "text_layers"})
         if unknown or "sam" not in cfg.refiner:
-            raise SystemExit(f"refiner: needs sam (a Hub id, a local dir, tiny or synthetic) and optionally text_layers; got "
-                             f"{cfg.refiner}")
+            raise SystemExit(f"refiner: needs sam (a Hub id, a local dir, tiny, tiny_<family> or synthetic) and "
+                             f"optionally text_layers; got {cfg.refiner}")
         sam = cfg.refiner["sam"]
-        if sam in ("tiny", "synthetic"):  # random, or the demo's (trained on the synthetic world): written once
+        tiny = {"tiny": "sam", **{f"tiny_{family}": family for family in refiner.FAMILIES}}  # random tiny SAMs
+        if sam in tiny or sam == "synthetic":  # random, or the demo's (trained on the synthetic world): written once
             root = cfg.synthetic.get("root", "data/synthetic")
-            sam = os.path.join(root, f"{sam}_sam")
+            name, sam = sam, os.path.join(root, f"{sam}_sam")
             if not os.path.exists(os.path.join(sam, "config.json")) and int(os.environ.get("RANK", 0)) == 0:
-                if sam.endswith("tiny_sam"):
-                    refiner.build_tiny_sam(sam)
+                if name in tiny:
+                    refiner.build_tiny_sam(sam, family=tiny[name])
                 else:
                     print(f"training the demo's tiny SAM on {root}'s training masks from box prompts (once) -> {sam}")
                     synthetic.build_synthetic_sam(sam, root)
@@ -262,9 +263,10 @@ def build_grounder(kwargs, device="cpu"):
 
 
 def sam_size(grounder):
-    """SAM's input side for this grounder's refiner (0 without one): what the data loader prepares."""
+    """SAM's input settings for this grounder's refiner (refiner.sam_image keyword arguments: size, square, mean,
+    std; {} without one): what the data loader prepares."""
     grounder = getattr(grounder, "module", grounder)
-    return grounder.refiner.size if grounder.refiner is not None else 0
+    return grounder.refiner.image_settings if grounder.refiner is not None else {}
 
 
 @torch.no_grad()
@@ -284,9 +286,9 @@ def extract(qwen, grounder, batch):
         for image_id in batch["image_id"]:
             row.setdefault(image_id, len(row))
         first = {image_id: i for i, image_id in reversed(list(enumerate(batch["image_id"])))}
-        embeddings = refine.image_embeddings(torch.stack([batch["sam_pixel_values"][first[i]] for i in row]))
-        index = torch.tensor([row[image_id] for image_id in batch["image_id"]], device=embeddings.device)
-        frozen.update(sam_embeddings=embeddings[index], sam_sizes=batch["sam_size"])
+        image = refine.image_embeddings(torch.stack([batch["sam_pixel_values"][first[i]] for i in row]))
+        index = torch.tensor([row[image_id] for image_id in batch["image_id"]], device=image["sam_embeddings"].device)
+        frozen.update({k: v[index] for k, v in image.items()}, sam_sizes=batch["sam_size"])
     return frozen
 
 

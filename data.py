@@ -315,7 +315,7 @@ class GroundingDataset(Dataset):
 
     def __init__(self, items, tokenizer, *, image_dir, image_settings=None, max_length=None, sep="\n", seed=0,
                  skip_bad=False, skipped=None, constant_phrase=None, layout="image", sam_size=0):
-        self.sam_size = sam_size  # > 0: also SAM's input (refiner.sam_image at this long side) and its targets
+        self.sam_size = sam_size  # refiner.sam_image's settings (build.sam_size): also SAM's input and targets
         if layout not in ("image", "sentence"):
             raise ValueError(f"layout must be image or sentence, got {layout!r}")
         self.layout = layout  # image: all of an item's phrases in one sequence; sentence: each its own sequence
@@ -367,7 +367,7 @@ class GroundingDataset(Dataset):
             image.load()  # decode now: a truncated file fails here, inside the try of __getitem__
             if (image.height, image.width) != (H, W):
                 raise DataError(f"image is {image.height}x{image.width}, annotations are for {H}x{W}")
-            sam = refiner.sam_image(image, self.sam_size) if self.sam_size else {}
+            sam = refiner.sam_image(image, **self.sam_size) if self.sam_size else {}
             pixel_values, image_grid_thw = qwen_inputs.patchify(image, **self.image_settings)
         picks = sentence_picks(item, rng)
         phrases = [self.constant_phrase or e["sentences"][k] for e, k in zip(item["entries"], picks)]

@@ -352,7 +352,7 @@ def predict_image(qwen, grounder, tokenizer, cfg, image, text, device, out_path)
     """One picture (PIL, EXIF orientation applied) and one expression -> bool mask; writes an overlay PNG."""
     pixel_values, grid = qwen_inputs.patchify(image, **build.image_settings(cfg, tokenizer))
     sample = dict(qwen_inputs.build_inputs(tokenizer, grid, [text]), pixel_values=pixel_values, image_grid_thw=grid,
-                  image_id=0, **(refiner.sam_image(image, build.sam_size(grounder)) if grounder.refiner else {}))
+                  image_id=0, **(refiner.sam_image(image, **build.sam_size(grounder)) if grounder.refiner else {}))
     batch = model.to_device(qwen_inputs.collate([sample]), device)
     (mask,) = predict(qwen, grounder, batch, [(image.height, image.width)])
     Image.fromarray(overlay(np.asarray(image), mask.cpu().numpy(), None, text)).save(out_path)
