@@ -98,7 +98,8 @@ def tiny_sam_config(family="sam"):
         prompt = dict(image_size=256, patch_size=16, hidden_size=64)
         if family == "sam":
             return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
-        return SamHQConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=dict(decoder, vit_dim=64))
+        return SamHQConfig(vision_config=vision, prompt_encoder_config=prompt,
+                           mask_decoder_config=dict(decoder, vit_dim=64))
     fpn = dict(fpn_hidden_size=64, backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]])
     if family == "sam2":
         backbone = dict(model_type="sam2_hiera_det_model", hidden_size=16, num_attention_heads=1, image_size=[256, 256],
@@ -106,7 +107,8 @@ def tiny_sam_config(family="sam"):
                         num_attention_heads_per_stage=[1, 1, 2, 2], window_size_per_stage=[4, 4, 4, 4],
                         global_attention_blocks=[3], window_positional_embedding_background_size=[4, 4])
         return Sam2Config(vision_config=dict(backbone_config=backbone, backbone_channel_list=[128, 64, 32, 16], **fpn),
-                          prompt_encoder_config=dict(hidden_size=64, image_size=256, patch_size=16, mask_input_channels=8),
+                          prompt_encoder_config=dict(hidden_size=64, image_size=256, patch_size=16,
+                                                     mask_input_channels=8),
                           mask_decoder_config=decoder)
     if family == "sam3_tracker":
         backbone = dict(model_type="sam3_vit_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
