@@ -47,8 +47,8 @@ class GroundingDataset(EpochDraws):
     items whose files are missing are left out at construction and listed in `self.skipped`."""
 
     def __init__(self, items, tokenizer, *, image_dir, image_settings=None, max_length=None, sep="\n", seed=0,
-                 skip_bad=False, skipped=None, constant_phrase=None, layout="image", pack_tokens=0, sam_size=0):
-        self.sam_size = sam_size  # > 0: also SAM's input (refiner.sam_image at this long side) and its targets
+                 skip_bad=False, skipped=None, constant_phrase=None, layout="image", pack_tokens=0, sam_settings=None):
+        self.sam_settings = sam_settings or {}  # refiner.sam_image's keyword arguments: also SAM's input and targets
         if layout not in ("image", "sentence"):
             raise ValueError(f"layout must be image or sentence, got {layout!r}")
         self.layout = layout  # image: all of an item's phrases in one sequence; sentence: each phrase independent
@@ -98,7 +98,7 @@ class GroundingDataset(EpochDraws):
             image.load()  # decode now: a truncated file fails here, inside the try of __getitem__
             if (image.height, image.width) != (H, W):
                 raise DataError(f"image is {image.height}x{image.width}, annotations are for {H}x{W}")
-            sam = refiner.sam_image(image, self.sam_size) if self.sam_size else {}
+            sam = refiner.sam_image(image, **self.sam_settings) if self.sam_settings else {}
             pixel_values, image_grid_thw = qwen_inputs.patchify(image, **self.image_settings)
         phrases = [self.constant_phrase or e["sentences"][k] for e, k in zip(item["entries"], picks)]
         gt = data.item_targets(item)  # (K, H, W)
@@ -145,7 +145,7 @@ def _take(values, ks):
 
 
 def build_dataset(spec, tokenizer, *, train, protocol="standard", image_settings=None, skip_bad=False, max_length=None,
-                  seed=0, constant_phrase=None, layout="image", pack_tokens=0, sam_size=0):
+                  seed=0, constant_phrase=None, layout="image", pack_tokens=0, sam_settings=None):
     """A GroundingDataset from a YAML dict: {kind: refer|grefcoco|png, ...the loader's paths..., image_dir}.
     train=True draws one sentence per object per epoch, all objects of an image in one sample (layout="image": one
     token sequence; "sentence": each object's sentence independent, packed behind one prefix when pack_tokens > 0);
@@ -171,7 +171,7 @@ def build_dataset(spec, tokenizer, *, train, protocol="standard", image_settings
                             max_length=max_length, sep=" " if kind == "png" else "\n",
                             seed=seed, skip_bad=skip_bad, skipped=skipped, constant_phrase=constant_phrase,
                             layout=layout,
-                            pack_tokens=pack_tokens, sam_size=sam_size)
+                            pack_tokens=pack_tokens, sam_settings=sam_settings)
 
 
 def by_image(items):
@@ -185,11 +185,11 @@ def by_image(items):
     return list(out.values())
 
 
-def picture_samples(tokenizer, settings, image, phrases, image_id=0, pack_tokens=None, sam_side=0):
-    """One PIL image and its phrases -> the samples qwen_inputs.collate takes (+ SAM's input at sam_side > 0), their
-    phrases in order. pack_tokens=None: one sequence holding all the phrases (F-LMM's layout); an int: each phrase an
-    independent sentence (the standard protocol), packed behind one shared image prefix in rows of at most that many
-    tokens (0: a sequence each). settings: patchify's keyword arguments (build.image_settings)."""
+def picture_samples(tokenizer, settings, image, phrases, image_id=0, pack_tokens=None, sam_settings=None):
+    """One PIL image and its phrases -> the samples qwen_inputs.collate takes (+ SAM's input with sam_settings,
+    build.sam_settings), their phrases in order. pack_tokens=None: one sequence holding all the phrases (F-LMM's
+    layout); an int: each phrase an independent sentence (the standard protocol), packed behind one shared image
+    prefix in rows of at most that many tokens (0: a sequence each). settings: patchify's (build.image_settings)."""
     pixel_values, grid = qwen_inputs.patchify(image, **settings)
     if pack_tokens is None:
         rows = [qwen_inputs.build_inputs(tokenizer, grid, phrases)]
@@ -198,7 +198,7 @@ def picture_samples(tokenizer, settings, image, phrases, image_id=0, pack_tokens
                                                         pack_tokens)]
     else:
         rows = [qwen_inputs.build_inputs(tokenizer, grid, [p]) for p in phrases]
-    sam = refiner.sam_image(image, sam_side) if sam_side else {}
+    sam = refiner.sam_image(image, **sam_settings) if sam_settings else {}
     return [dict(r, pixel_values=pixel_values, image_grid_thw=grid, image_id=image_id, **sam) for r in rows]
 
 

@@ -6,11 +6,14 @@ output_attentions=True, full model with lm_head, batch 1). Random weights; RefCO
     python bench.py --model 3b --out bench_3b.json   # CUDA: the real 3B architecture, bf16, random weights
     python bench.py --model 7b
     python bench.py --model qwen3vl_8b              # any ARCH name: Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense, MoE)
+    python bench.py --sam sam2_l                    # the refiner rows with any SAM_ARCH (SAM, SAM-HQ, SAM 2.1, SAM 3)
+    python bench.py --sam_encoders vit_b,vit_l,sam2_t,sam2_l --quick   # only SAM image encoders: params, s/image
 """
 import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -180,36 +183,87 @@ def rss(field):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def sample(tokenizer, rng, size, sam_side=0, image_id=0):
+def sample(tokenizer, rng, size, sam_settings=None, image_id=0):
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     pixel_values, grid = qwen_inputs.patchify(image, **tokenizer.image_settings)
     patch = tokenizer.image_settings["patch_size"]
     masks = torch.from_numpy(rng.random((len(PHRASES), int(grid[0, 1]) * patch, int(grid[0, 2]) * patch)) > 0.7).float()
     out = dict(qwen_inputs.build_inputs(tokenizer, grid, PHRASES), pixel_values=pixel_values, image_grid_thw=grid,
                masks=masks, supervised=[True] * len(PHRASES), image_id=image_id)
-    if sam_side:  # the refiner's inputs and targets, as the DataLoader prepares them
-        out.update(refiner.sam_image(image, sam_side))
+    if sam_settings:  # the refiner's inputs and targets, as the DataLoader prepares them
+        out.update(refiner.sam_image(image, **sam_settings))
         out["sam_masks"] = torch.from_numpy(rng.random((len(PHRASES), *out["sam_size"])) > 0.7)
     return out
 
 
-SAM_ARCH = {"tiny": None, "vit_b": dict(), "vit_l": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                                          global_attn_indexes=[5, 11, 17, 23])}
+SAM_VIT = {"b": dict(),  # SamVisionConfig's defaults are ViT-B
+           "l": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                     global_attn_indexes=[5, 11, 17, 23]),
+           "h": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
+                     global_attn_indexes=[7, 15, 23, 31])}
+
+
+def _hiera(dim, heads, blocks, global_blocks, background, windows=(8, 4, 14, 7)):
+    """Sam2Config fields of a SAM 2.1 Hiera (the sizes of facebook/sam2.1-hiera-*): stage widths and heads double."""
+    return dict(vision_config=dict(backbone_config=dict(
+        model_type="sam2_hiera_det_model", hidden_size=dim, num_attention_heads=heads, blocks_per_stage=blocks,
+        embed_dim_per_stage=[dim, 2 * dim, 4 * dim, 8 * dim],
+        num_attention_heads_per_stage=[heads, 2 * heads, 4 * heads, 8 * heads],
+        window_size_per_stage=list(windows), global_attention_blocks=global_blocks,
+        window_positional_embedding_background_size=background), backbone_channel_list=[8 * dim, 4 * dim, 2 * dim, dim]))
+
+
+SAM_ARCH = {  # name: (family, config fields of full-size random weights; None: refiner.tiny_sam_config(family))
+    "tiny": ("sam", None), "tiny_sam_hq": ("sam_hq", None), "tiny_sam2": ("sam2", None),
+    "tiny_sam3": ("sam3_tracker", None),
+    **{f"vit_{k}": ("sam", dict(vision_config=v)) for k, v in SAM_VIT.items()},
+    **{f"hq_vit_{k}": ("sam_hq", dict(vision_config=v, mask_decoder_config=dict(vit_dim=v.get("hidden_size", 768))))
+       for k, v in SAM_VIT.items()},
+    "sam2_t": ("sam2", _hiera(96, 1, [1, 2, 7, 2], [5, 7, 9], [7, 7])),
+    "sam2_s": ("sam2", _hiera(96, 1, [1, 2, 11, 2], [7, 10, 13], [7, 7])),
+    "sam2_b+": ("sam2", _hiera(112, 2, [2, 3, 16, 3], [12, 16, 20], [14, 14])),
+    "sam2_l": ("sam2", _hiera(144, 2, [2, 6, 36, 4], [23, 33, 43], [7, 7], windows=(8, 4, 16, 8))),
+    "sam3": ("sam3_tracker", dict()),  # Sam3TrackerConfig's defaults: SAM 3's ViT at 1008
+}
+
+
+def build_sam(name, out_dir):
+    """Write SAM_ARCH[name] with random weights (seeded) to out_dir; it loads with refiner.load_sam."""
+    family, fields = SAM_ARCH[name]
+    if fields is None:
+        return refiner.build_tiny_sam(out_dir, family=family)
+    torch.manual_seed(0)
+    model_class = refiner.FAMILIES[family]
+    model_class(model_class.config_class(**fields)).save_pretrained(out_dir)
+    return out_dir
+
+
+def bench_sam_encoders(names, device, repeats):
+    """Per SAM_ARCH name: parameters (all; image encoder; prompt encoder + mask decoder) and the frozen image
+    encoder's seconds per image (Refiner.image_embeddings of one image, random weights, float32 on CPU, bf16 on GPU)."""
+    res = {}
+    for name in names:
+        with tempfile.TemporaryDirectory() as workdir:
+            sam = refiner.load_sam(build_sam(name, workdir), dtype=dtype_for(device), device=device)
+        r = refiner.Refiner(sam, hidden_size=8, text_layers=1)
+        pixels = torch.zeros(1, 3, r.size, r.size, device=device)
+        t, m = timed(lambda: r.image_embeddings(pixels), device, repeats, warmup=0)  # big enough to need none
+        count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+        res[name] = dict(family=r.family, params=count(sam), encoder_params=count(sam.vision_encoder),
+                         prompt_decoder_params=count(r.prompt_encoder) + count(r.mask_decoder), side=r.size,
+                         encoder_s_per_image=t, encoder_peak_added_bytes=m,
+                         cached_bytes_fp16=2 * sum(math.prod(s) for s in r.image_shapes.values()))
+        print(name, res[name], flush=True)
+    return res
 
 
 def bench_refiner(qwen, tokenizer, sam_name, bs, size, device, repeats, workdir):
     """Training step time and peak memory per sample: U-Net only vs + SAM refiner (batched phrases) vs + refiner with
     F-LMM's per-phrase loop (the same SAM image encoder pass per image in both)."""
-    from transformers import SamConfig, SamModel
-    if SAM_ARCH[sam_name] is None:
-        sam_dir = refiner.build_tiny_sam(os.path.join(workdir, "sam"))
-    else:
-        torch.manual_seed(0)
-        sam_dir = os.path.join(workdir, "sam")
-        SamModel(SamConfig(vision_config=SAM_ARCH[sam_name])).save_pretrained(sam_dir)
+    sam_dir = build_sam(sam_name, os.path.join(workdir, "sam"))
     kwargs = build.grounder_kwargs(build.Config(refiner=dict(sam=sam_dir)), qwen.config)
     grounder = build.build_grounder(kwargs, device)
-    side = build.sam_size(grounder)
+    side = build.sam_settings(grounder)
     rng = np.random.default_rng(1)
     batch = model.to_device(qwen_inputs.collate([sample(tokenizer, rng, size, side, i) for i in range(bs)]), device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -262,8 +316,10 @@ def bench_vlm_boxes(qwen, tokenizer, bs, size, device, repeats, new_tokens=vlmbo
     finally:
         qwen.generation_config.min_new_tokens = None
     t_fwd, _ = timed(lambda: model.frozen_outputs(qwen, batch), device, repeats)
-    return {"batch": bs, "new_tokens": new_tokens, "boxes_s": t_box, "forward_s": t_fwd,
-            "ms_per_sentence": 1e3 * t_box / bs, "boxes_vs_forward": t_box / t_fwd}
+    res = {"batch": bs, "new_tokens": new_tokens, "boxes_s": t_box, "forward_s": t_fwd,
+           "ms_per_sentence": 1e3 * t_box / bs, "boxes_vs_forward": t_box / t_fwd}
+    return res, [(f"VLM boxes, batch {bs}, {new_tokens} tokens", f"{1e3 * t_box / bs:.1f} ms/sent",
+                  f"forward {1e3 * t_fwd / bs:.1f} ms/sent", f"{t_box / t_fwd:.2f}x")]
 
 
 def bench_cache(model_dir, root, bs, device, workdir, args):
@@ -493,7 +549,7 @@ def bench_packing(ctx, demo_root):
     return res, rows
 
 
-SECTIONS = ("patchify", "forward", "train", "packing", "refiner", "loader", "cache")
+SECTIONS = ("patchify", "forward", "train", "packing", "refiner", "boxes", "loader", "cache")
 DEFAULT = ("patchify", "forward", "train", "packing")  # about 3 minutes on 2 CPU cores
 
 
@@ -509,7 +565,8 @@ def main():
     parser.add_argument("--sections", default=",".join(DEFAULT),
                         help=f"comma-separated, from {','.join(SECTIONS)} or all (default: {','.join(DEFAULT)})")
     parser.add_argument("--sam", default="tiny", choices=list(SAM_ARCH),
-                        help="SAM for the refiner section (random weights): tiny, vit_b, vit_l (F-LMM's)")
+                        help="SAM for the refiner section (random weights): tiny, vit_l (F-LMM's), sam2_l, ...")
+    parser.add_argument("--sam_encoders", default=None, help="only time these SAM_ARCH image encoders (comma-separated)")
     args = parser.parse_args()
     sections = SECTIONS if args.sections == "all" else tuple(args.sections.split(","))
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -519,6 +576,12 @@ def main():
     if device.type == "cpu":
         fixed_mmap_threshold()
         torch.set_num_threads(1)  # steadier on small shared machines (DESIGN.md); the ratios are what matter
+    if args.sam_encoders:  # a mode of its own: no VLM
+        res = bench_sam_encoders(args.sam_encoders.split(","), device, 1 if args.quick else args.repeats)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+        return res
     workdir = tempfile.mkdtemp()
     qwen, tokenizer = build_model(args.model, device, workdir)
     ctx = argparse.Namespace(
@@ -549,6 +612,7 @@ def main():
                                              num_val=4 if args.quick else 24, num_test=0)
         section("packing", bench_packing, ctx, demo_root)
     section("refiner", bench_refiner, qwen, tokenizer, args.sam, best, ctx.size, device, ctx.repeats, workdir)
+    section("boxes", bench_vlm_boxes, qwen, tokenizer, best, ctx.size, device, ctx.repeats)
     section("loader", bench_loader, ctx, root, best, res.get("train", {}).get("samples_per_s", float("nan")))
     model_dir = os.path.join(workdir, "tiny") if args.model == "tiny" else args.model
     if os.path.isdir(model_dir):

@@ -283,22 +283,26 @@ def image_settings(cfg, tokenizer=None):
     return {**base, **overrides}
 
 
+TINY_SAMS = {"tiny": "sam", **{f"tiny_{family}": family for family in refiner.FAMILIES}}  # random, for CPU runs
+
+
 def sam_path(cfg):
-    """The SAM checkpoint cfg.refiner names: its `sam`, or for "tiny" / "synthetic" the demo's folder under the
-    synthetic root (prepare_sam writes it)."""
+    """The SAM checkpoint cfg.refiner names: its `sam`, or for "tiny", "tiny_<family>" and "synthetic" the demo's
+    folder under the synthetic root (prepare_sam writes it)."""
     sam = cfg.refiner["sam"]
-    return os.path.join(cfg.synthetic.get("root", "data/synthetic"), f"{sam}_sam") if sam in ("tiny", "synthetic") else sam
+    written = sam in TINY_SAMS or sam == "synthetic"
+    return os.path.join(cfg.synthetic.get("root", "data/synthetic"), f"{sam}_sam") if written else sam
 
 
 def prepare_sam(cfg):
     """Write the demo's SAM once when the config names one (refiner.sam tiny: random; synthetic: trained on the
     synthetic masks, ~1 min), on rank 0 while the others wait. start_job calls it; a Hub id or a folder is left alone."""
-    if not cfg.refiner or cfg.refiner["sam"] not in ("tiny", "synthetic"):
+    if not cfg.refiner or (cfg.refiner["sam"] not in TINY_SAMS and cfg.refiner["sam"] != "synthetic"):
         return
     path = sam_path(cfg)
     if not os.path.exists(os.path.join(path, "config.json")) and int(os.environ.get("RANK", 0)) == 0:
-        if cfg.refiner["sam"] == "tiny":
-            refiner.build_tiny_sam(path)
+        if cfg.refiner["sam"] in TINY_SAMS:
+            refiner.build_tiny_sam(path, family=TINY_SAMS[cfg.refiner["sam"]])
         else:
             root = cfg.synthetic.get("root", "data/synthetic")
             print(f"training the demo's tiny SAM on {root}'s training masks from box prompts (once) -> {path}")
@@ -381,10 +385,11 @@ def build_grounder(kwargs, device="cpu", encoder=True):
     return heads.Grounder(heads.MaskHead(**kwargs["head"]), refine, select).to(device)
 
 
-def sam_size(grounder):
-    """SAM's input side for this grounder's refiner (0 without one): what the data loader prepares."""
+def sam_settings(grounder):
+    """SAM's input settings for this grounder's refiner (refiner.sam_image keyword arguments: size, square, mean,
+    std; {} without one): what the data loader prepares."""
     grounder = getattr(grounder, "module", grounder)
-    return grounder.refiner.size if grounder.refiner is not None else 0
+    return grounder.refiner.image_settings if grounder.refiner is not None else {}
 
 
 @torch.no_grad()
@@ -406,9 +411,9 @@ def extract(qwen, grounder, batch):
         for image_id in batch["image_id"]:
             row.setdefault(image_id, len(row))
         first = {image_id: i for i, image_id in reversed(list(enumerate(batch["image_id"])))}
-        embeddings = refine.image_embeddings(torch.stack([batch["sam_pixel_values"][first[i]] for i in row]))
-        index = torch.tensor([row[image_id] for image_id in batch["image_id"]], device=embeddings.device)
-        frozen.update(sam_embeddings=embeddings[index], sam_sizes=batch["sam_size"])
+        image = refine.image_embeddings(torch.stack([batch["sam_pixel_values"][first[i]] for i in row]))
+        index = torch.tensor([row[image_id] for image_id in batch["image_id"]], device=image["sam_embeddings"].device)
+        frozen.update({k: v[index] for k, v in image.items()}, sam_sizes=batch["sam_size"])
         if refine.box == "vlm":  # the VLM's own box for each phrase, generated once (then cached with the rest)
             frozen["vlm_box"] = vlmbox.vlm_boxes(qwen, batch)
     return frozen
@@ -439,7 +444,7 @@ def check_data(cfg, specs):
         raise SystemExit("data not found (paths are relative to where you run the script):\n  " + "\n  ".join(missing))
 
 
-def build_dataset(cfg, tokenizer, spec, train, sam_side=0, settings=None):
+def build_dataset(cfg, tokenizer, spec, train, sam_settings=None, settings=None):
     """settings: patchify's keyword arguments (None: image_settings(cfg, tokenizer)); cache.py passes those its files
     were extracted with, and no tokenizer."""
     settings = image_settings(cfg, tokenizer) if settings is None else settings
@@ -447,19 +452,19 @@ def build_dataset(cfg, tokenizer, spec, train, sam_side=0, settings=None):
                               skip_bad=cfg.skip_bad,
                               max_length=cfg.max_length,
                               seed=cfg.seed, constant_phrase=cfg.constant_phrase or None, layout=cfg.layout,
-                              pack_tokens=cfg.pack_tokens, sam_size=sam_side)
+                              pack_tokens=cfg.pack_tokens, sam_settings=sam_settings)
 
 
-def build_train_loader(cfg, tokenizer, sam_side=0):
-    sets = [build_dataset(cfg, tokenizer, spec, train=True, sam_side=sam_side) for spec in cfg.train_data]
+def build_train_loader(cfg, tokenizer, sam_settings=None):
+    sets = [build_dataset(cfg, tokenizer, spec, train=True, sam_settings=sam_settings) for spec in cfg.train_data]
     train_set = sets[0] if len(sets) == 1 else torch.utils.data.ConcatDataset(sets)
     return batching.build_loader(train_set, cfg.batch_size, num_workers=cfg.num_workers, shuffle=True, seed=cfg.seed,
                              drop_last=True)
 
 
-def build_val_loaders(cfg, tokenizer, specs, sam_side=0):
+def build_val_loaders(cfg, tokenizer, specs, sam_settings=None):
     """{split name: (loader, spec)} for eval, in the config's order."""
-    return {data.spec_name(spec): (batching.build_loader(build_dataset(cfg, tokenizer, spec, train=False, sam_side=sam_side),
+    return {data.spec_name(spec): (batching.build_loader(build_dataset(cfg, tokenizer, spec, train=False, sam_settings=sam_settings),
                                                      cfg.batch_size, num_workers=cfg.num_workers), spec)
             for spec in specs}
 

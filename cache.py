@@ -65,7 +65,7 @@ SHARD_SIZE = 1024  # sequences per shard (~450 MiB of Qwen2.5-VL-3B maps): what 
 # build.extract's outputs: one entry per phrase, or per sequence; those that only the image decides are stored once
 # per image and shard. Any other output (the selector's answer states, or one added later) is stored per sequence.
 PER_PHRASE = ("maps", "hidden")
-PER_IMAGE = ("vision", "sam_embeddings", "sam_sizes")
+PER_IMAGE = ("vision", "sam_embeddings", "sam_intermediate", "sam_feat_s0", "sam_feat_s1", "sam_sizes")
 STORAGE = torch.float16  # of every stored output (see Storage); the tests also run the cache at float32
 CENTRED = ("maps",)  # stored as deviations from each channel's mean, the means in float32 (see Storage)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -392,7 +392,7 @@ def _extract(cfg, qwen, tokenizer, grounder, todo, mine, shard_size, device, ran
     for name, shards in mine.items():
         if not shards:
             continue
-        ds = build.build_dataset(standard, tokenizer, todo[name][0], train=False, sam_side=build.sam_size(grounder))
+        ds = build.build_dataset(standard, tokenizer, todo[name][0], train=False, sam_settings=build.sam_settings(grounder))
         for k in shards:
             bar.set_description(f"{name} shard {k}")
             shard = ds.regroup(ds.items[k * shard_size:(k + 1) * shard_size], cfg.pack_tokens)

@@ -101,7 +101,7 @@ def ground(qwen, grounder, tokenizer, image_settings, images, questions, answers
         pixel_values, grid = qwen_inputs.patchify(image, **image_settings)
         samples.append(dict(answer_inputs(tokenizer, grid, question, answer), pixel_values=pixel_values,
                             image_grid_thw=grid, image_id=i,
-                            **(refiner.sam_image(image, build.sam_size(grounder)) if grounder.refiner else {})))
+                            **(refiner.sam_image(image, **build.sam_settings(grounder)) if grounder.refiner else {})))
     batch = model.to_device(qwen_inputs.collate(samples), qwen.device)
     frozen = build.extract(qwen, grounder, batch)  # per answer token: maps, hidden (refiner), answer (selector)
     if phrases is None:

@@ -313,7 +313,7 @@ def report(qwen, grounder, loaders, device, autocast, out_dir, vis=0, writer=Non
 def predict_image(qwen, grounder, tokenizer, cfg, image, text, device, out_path):
     """One picture (PIL, EXIF orientation applied) and one expression -> bool mask; writes an overlay PNG."""
     samples = batching.picture_samples(tokenizer, build.image_settings(cfg, tokenizer), image, [text],
-                                       sam_side=build.sam_size(grounder))
+                                       sam_settings=build.sam_settings(grounder))
     batch = model.to_device(qwen_inputs.collate(samples), device)
     (mask,) = predict(qwen, grounder, batch, [(image.height, image.width)])
     Image.fromarray(draw.overlay(np.asarray(image), mask.cpu().numpy(), None, text)).save(out_path)
@@ -384,14 +384,14 @@ def main():
     autocast = build.autocast_for(cfg, device)
     kinds = ("coarse",) if args.coarse else ("final",)
     loaders = (cached.build_val_loaders(cfg, specs) if args.cache else
-               build.build_val_loaders(cfg, tokenizer, specs, build.sam_size(grounder)))
+               build.build_val_loaders(cfg, tokenizer, specs, build.sam_settings(grounder)))
     results = evaluate_all(qwen, grounder, loaders, device, autocast, kinds=kinds)
     constant_path, constant = os.path.join(out_dir, "constant_phrase", "ckpt.pt"), None  # train.py baselines=true
     if args.baselines and os.path.isfile(constant_path):  # its own config: every expression is its constant phrase
         qwen_c, grounder_c, tokenizer_c, cfg_c = build.load_run(constant_path, device, cached=args.cache)
         cfg_c.protocol, cfg_c.batch_size = cfg.protocol, cfg.batch_size
         loaders_c = (cached.build_val_loaders(cfg_c, specs) if args.cache else
-                     build.build_val_loaders(cfg_c, tokenizer_c, specs, build.sam_size(grounder_c)))
+                     build.build_val_loaders(cfg_c, tokenizer_c, specs, build.sam_settings(grounder_c)))
         constant = evaluate_all(qwen_c, grounder_c, loaders_c, device, autocast, kinds=kinds)
     if args.vis and (rank == 0 or model.sharded(qwen)):
         for name, (loader, _) in loaders.items():  # beside the training run's vis/, never over it

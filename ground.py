@@ -77,7 +77,7 @@ class Grounding:
         for i, (im, ps) in enumerate(zip(images, phrases)):  # image_id i: SAM encodes each image once
             rows = batching.picture_samples(self.tokenizer, self.image_settings, im, ps, i,
                                             pack_tokens=None if together else self.cfg.pack_tokens,
-                                            sam_side=build.sam_size(self.grounder))
+                                            sam_settings=build.sam_settings(self.grounder))
             samples += rows
             sizes += [(im.height, im.width)] * len(rows)
         return model.to_device(qwen_inputs.collate(samples), self.device), sizes

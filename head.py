@@ -117,7 +117,8 @@ class Grounder(nn.Module):
     with a refiner, select=[(A_b, 3) B/I/O logits per sequence] with a selector (reads frozen["answer"])).
 
     `frozen` is the dict of model.frozen_outputs: maps, phrase_image, vision (per image or None), hidden; with a
-    refiner also sam_embeddings (B, C, e, e) and sam_sizes [(rh, rw)] per image. Holds only what trains: wrap it
+    refiner also its image encoder's outputs per image (the keys of refiner.image_shapes: sam_embeddings (B, C, e, e)
+    and SAM-HQ's / SAM 2's extra maps) and sam_sizes [(rh, rw)]. Holds only what trains: wrap it
     in DDP as a whole, it is called exactly once per micro-step."""
 
     def __init__(self, head, refiner=None, selector=None):
@@ -135,9 +136,8 @@ class Grounder(nn.Module):
         frozen = dict(maps=[torch.zeros(h.in_channels, 1, 1, device=device)], phrase_image=[0], hidden=None,
                       vision=[torch.zeros(h.vision_channels, 2, 2, device=device)] if h.vision_channels else None)
         if r is not None:
-            e = r.mask_size // 4  # the embedding grid
             frozen.update(hidden=[torch.zeros(1, r.layer_weights.numel(), r.text_proj.in_features, device=device)],
-                          sam_embeddings=torch.zeros(1, r.text_proj.out_features, e, e, device=device),
+                          **{k: torch.zeros(1, *shape, device=device) for k, shape in r.image_shapes.items()},
                           sam_sizes=[(r.size, r.size)], **({"vlm_box": [[None]]} if r.box == "vlm" else {}))
         if self.selector is not None:
             frozen["answer"] = [torch.zeros(1, self.selector.layer_weights.numel(), self.selector.norm.normalized_shape[0],
@@ -151,8 +151,9 @@ class Grounder(nn.Module):
         if self.refiner is not None:
             boxes = None if self.refiner.box == "mask" else vlmbox.sam_boxes(
                 frozen["vlm_box"], out["coarse"], frozen["phrase_image"], frozen["sam_sizes"])  # the VLM's own
-            out["refined"] = self.refiner(out["coarse"], frozen["sam_embeddings"], frozen["phrase_image"],
-                                          frozen["hidden"], frozen["sam_sizes"], boxes)
+            image = {k: frozen[k] for k in self.refiner.image_shapes}  # the SAM image encoder's outputs
+            out["refined"] = self.refiner(out["coarse"], image, frozen["phrase_image"], frozen["hidden"],
+                                          frozen["sam_sizes"], boxes)
         if self.selector is not None:
             out["select"] = self.selector(frozen["answer"])
         return out

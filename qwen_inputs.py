@@ -62,7 +62,7 @@ def resized_rgb(image, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, factor=PATC
 
 
 @functools.lru_cache(maxsize=8)
-def _normalise_lut(mean, std):
+def normalise_lut(mean, std):
     """(3, 256) float32: the normalised value of every uint8 level per channel, with the official arithmetic
     (rescale by 1/255 in float64, cast to float32, then (x - mean) / std in float32). A uint8 image has only
     256 levels per channel, so a table look-up gives the same bits as normalising every pixel, much faster."""
@@ -82,7 +82,7 @@ def patchify(image, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, *, patch_size=
     # reorder the uint8 pixels first (a quarter of the bytes of float32):
     # (gh/m, m, p, gw/m, m, p, 3) -> (gh/m, gw/m, m, m, 3, p, p): rows in merge-block order, raster blocks
     x = rgb.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5).reshape(gh * gw, 3, p * p)
-    lut = _normalise_lut(tuple(float(v) for v in image_mean), tuple(float(v) for v in image_std))
+    lut = normalise_lut(tuple(float(v) for v in image_mean), tuple(float(v) for v in image_std))
     out = np.empty((gh * gw, 3, t, p * p), np.float32)  # the frame repeated along time
     for c in range(3):
         out[:, c, :] = lut[c][x[:, c]][:, None]

@@ -208,8 +208,8 @@ def train(cfg, device, rank=0, world=1):
     if cfg.cache_dir:
         loader, val_loaders = cached.build_train_loader(cfg), cached.build_val_loaders(cfg, cfg.val_data)
     else:
-        loader = build.build_train_loader(cfg, tokenizer, build.sam_size(grounder))
-        val_loaders = build.build_val_loaders(cfg, tokenizer, cfg.val_data, build.sam_size(grounder))
+        loader = build.build_train_loader(cfg, tokenizer, build.sam_settings(grounder))
+        val_loaders = build.build_val_loaders(cfg, tokenizer, cfg.val_data, build.sam_settings(grounder))
     steps_per_epoch = len(loader) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(loader.dataset)} training images make no full step of batch_size {cfg.batch_size} x "

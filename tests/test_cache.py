@@ -151,24 +151,28 @@ def test_training_from_cache_equals_online_training(tiny_qwen, extracted, tmp_pa
     assert os.listdir(tmp_path / "cached" / "vis")  # the overlays are drawn from cached batches too
 
 
-def test_the_refiners_inputs_are_cached_too(tiny_qwen, synthetic_root, tmp_path):
-    """With the SAM refiner, build.extract also returns the phrases' hidden states, SAM's image embeddings (one
-    (B, C, e, e) tensor) and sam_sizes: stored and read back as they are, and a cached run trains the refiner."""
+@pytest.mark.parametrize("sam", ["tiny", "tiny_sam_hq", "tiny_sam2"])
+def test_the_refiners_inputs_are_cached_too(tiny_qwen, synthetic_root, tmp_path, sam):
+    """With the SAM refiner, build.extract also returns the phrases' hidden states, SAM's image encoder outputs (one
+    (B, ...) tensor each: embeddings, SAM-HQ's intermediate map, SAM 2's high-resolution maps) and sam_sizes: stored
+    and read back as they are, and a cached run trains the refiner."""
     _, qwen, tokenizer = tiny_qwen
-    cfg = cache_config(tiny_qwen[0], synthetic_root, tmp_path, refiner=dict(sam="tiny", text_layers=2),
+    cfg = cache_config(tiny_qwen[0], synthetic_root, tmp_path, refiner=dict(sam=sam, text_layers=2),
                        synthetic=dict(root=synthetic_root), max_steps=2, vis_samples=0)
     build.prepare_sam(cfg)  # writes the tiny SAM (start_job does it in the scripts)
     cache.extract_all(cfg, shard_size=SHARD)
     grounder = build.build_grounder(build.grounder_kwargs(cfg, qwen.config))
     unpacked = dataclasses.replace(cfg, pack_tokens=0)  # extracted packed, compared with one sequence per sentence
-    online = next(iter(build.build_train_loader(unpacked, tokenizer, build.sam_size(grounder))))
+    online = next(iter(build.build_train_loader(unpacked, tokenizer, build.sam_settings(grounder))))
     read = next(iter(cached.build_train_loader(cfg)))
     expect, frozen = build.extract(qwen, grounder, online), read["frozen"]
     assert sorted(frozen) == sorted(expect) and {"hidden", "sam_embeddings", "sam_sizes", "vision"} <= set(frozen)
     assert all(frozen[key] is None for key in expect if expect[key] is None)  # e.g. the selector's answer states
     assert frozen["phrase_image"] == expect["phrase_image"] and frozen["sam_sizes"] == expect["sam_sizes"]
-    assert frozen["sam_embeddings"].shape == expect["sam_embeddings"].shape
-    for key in ("maps", "vision", "hidden", "sam_embeddings"):
+    image_keys = list(grounder.refiner.image_shapes)  # sam_embeddings (+ sam_intermediate | sam_feat_s0, sam_feat_s1)
+    assert len(image_keys) == {"tiny": 1, "tiny_sam_hq": 2, "tiny_sam2": 3}[sam]
+    assert all(frozen[key].shape == expect[key].shape for key in image_keys)
+    for key in ("maps", "vision", "hidden", *image_keys):
         for x, y in zip(expect[key], frozen[key], strict=True):
             assert torch.allclose(y.float(), x, rtol=2 ** -11, atol=1e-5), key  # + float32 noise of other batches
     assert all(torch.equal(x, y) for x, y in zip(online["sam_masks"], read["sam_masks"], strict=True))

@@ -139,7 +139,7 @@ def test_a_cached_box_equals_a_fresh_one_and_training_never_generates(tiny_qwen,
     grounder = build.build_grounder(build.grounder_kwargs(cfg, qwen.config))
     assert grounder.refiner.box == "vlm"
     unpacked = dataclasses.replace(cfg, pack_tokens=0)  # extracted packed; compared one sequence per sentence
-    (online, _), = build.build_val_loaders(unpacked, tokenizer, cfg.val_data, build.sam_size(grounder)).values()
+    (online, _), = build.build_val_loaders(unpacked, tokenizer, cfg.val_data, build.sam_settings(grounder)).values()
     (from_cache, _), = cached.build_val_loaders(cfg, cfg.val_data).values()
     seen = []
     for a, b in zip(online, from_cache, strict=True):
@@ -220,7 +220,7 @@ def test_detach_mask_stops_the_refined_loss_at_the_dense_prompt(tmp_path, detach
     sam = refiner.load_sam(refiner.build_tiny_sam(str(tmp_path / "sam")), device="cpu")
     r = refiner.Refiner(sam, hidden_size=HIDDEN, text_layers=LAYERS, detach_mask=detach)
     coarse = [torch.randn(12, 16, requires_grad=True), torch.randn(8, 8, requires_grad=True)]
-    embeddings = torch.randn(2, 64, 16, 16)
+    embeddings = dict(sam_embeddings=torch.randn(2, 64, 16, 16))  # what image_embeddings gives a SAM
     hidden = [torch.randn(2, LAYERS, HIDDEN), torch.randn(3, LAYERS, HIDDEN)]
     out = r(coarse, embeddings, [0, 1], hidden, [(192, 256), (256, 256)])
     sum(o.sum() for o in out).backward()
