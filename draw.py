@@ -7,6 +7,24 @@ from PIL import Image, ImageDraw
 
 import qwen_inputs
 
+def unpatchify(pixel_values, image_grid_thw, *, patch_size=qwen_inputs.PATCH, merge_size=qwen_inputs.MERGE,
+               temporal_patch_size=qwen_inputs.TEMPORAL,
+               image_mean=qwen_inputs.CLIP_MEAN, image_std=qwen_inputs.CLIP_STD, min_pixels=None, max_pixels=None):
+    """Inverse of `patchify` for a batch: one uint8 RGB array (gh*patch, gw*patch, 3) per row of image_grid_thw.
+    Takes the settings patchify was given (`**image_settings(checkpoint)`; the pixel bounds play no part here)."""
+    p, m, t = patch_size, merge_size, temporal_patch_size
+    qwen_inputs.check_pixels(pixel_values, image_grid_thw, 3 * t * p * p)
+    mean, std = np.array(image_mean, dtype=np.float32), np.array(image_std, dtype=np.float32)
+    images, start = [], 0
+    for frames, gh, gw in image_grid_thw.tolist():
+        x = pixel_values[start:start + frames * gh * gw].double().numpy()
+        start += frames * gh * gw
+        x = x.reshape(gh // m, gw // m, m, m, 3, t, p, p)[..., 0, :, :]
+        x = x.transpose(0, 2, 5, 1, 3, 6, 4).reshape(gh * p, gw * p, 3)  # first frame, (H, W, 3)
+        images.append(np.clip(np.rint((x * std + mean) * 255), 0, 255).astype(np.uint8))
+    return images
+
+
 PRED_RGB, TRUTH_RGB = np.array([0, 230, 230]), np.array([255, 0, 255])  # cyan prediction, magenta truth
 
 
@@ -34,7 +52,7 @@ def overlay_grid(batch, out, image_settings):
     """The first sample of a (device) batch, every phrase side by side at the resized resolution (for tensorboard):
     the coarse masks, and below them the refined ones when the grounder has a refiner. image_settings: patchify's."""
     n_pix = int(batch["host"]["image_grid_thw"][0].prod())
-    (image,) = qwen_inputs.unpatchify(batch["pixel_values"][:n_pix].cpu(), batch["host"]["image_grid_thw"][:1],
+    (image,) = unpatchify(batch["pixel_values"][:n_pix].cpu(), batch["host"]["image_grid_thw"][:1],
                                       **image_settings)
     k = len(batch["phrases"][0])
     rows = []

@@ -122,23 +122,6 @@ def image_settings(name_or_path):
                 image_std=[float(v) for v in cfg["image_std"]])
 
 
-def unpatchify(pixel_values, image_grid_thw, *, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL,
-               image_mean=CLIP_MEAN, image_std=CLIP_STD, min_pixels=None, max_pixels=None):
-    """Inverse of `patchify` for a batch: one uint8 RGB array (gh*patch, gw*patch, 3) per row of image_grid_thw.
-    Takes the settings patchify was given (`**image_settings(checkpoint)`; the pixel bounds play no part here)."""
-    p, m, t = patch_size, merge_size, temporal_patch_size
-    check_pixels(pixel_values, image_grid_thw, 3 * t * p * p)
-    mean, std = np.array(image_mean, dtype=np.float32), np.array(image_std, dtype=np.float32)
-    images, start = [], 0
-    for frames, gh, gw in image_grid_thw.tolist():
-        x = pixel_values[start:start + frames * gh * gw].double().numpy()
-        start += frames * gh * gw
-        x = x.reshape(gh // m, gw // m, m, m, 3, t, p, p)[..., 0, :, :]
-        x = x.transpose(0, 2, 5, 1, 3, 6, 4).reshape(gh * p, gw * p, 3)  # first frame, (H, W, 3)
-        images.append(np.clip(np.rint((x * std + mean) * 255), 0, 255).astype(np.uint8))
-    return images
-
-
 @functools.lru_cache(maxsize=32)
 def _template_ids(tokenizer, prompt):
     """The token ids before and after the image pads, tokenized once per (tokenizer, prompt), not once a sample."""
@@ -285,11 +268,6 @@ def collate(samples):
         if key not in batch:
             batch[key] = [s[key] for s in samples]
     return batch
-
-
-def phrase_counts(batch):
-    """Phrases per sample of a collated batch, from mask_ids (phrase k on its tokens, -1 elsewhere)."""
-    return (batch["mask_ids"].max(1).values + 1).tolist()
 
 
 def check_pixels(pixel_values, image_grid_thw, patch_dim=None):

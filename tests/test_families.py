@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+import draw
 import head as heads
 import model
 import qwen_inputs as qi
@@ -67,7 +68,7 @@ def test_patchify_follows_the_checkpoint(family):
         assert torch.equal(grid, ref["image_grid_thw"])
         assert ours.shape == ref["pixel_values"].shape == (int(grid.prod()), 3 * 2 * patch * patch)
         assert (ours - ref["pixel_values"]).abs().max().item() == 0
-        (restored,) = qi.unpatchify(ours, grid, **settings)
+        (restored,) = draw.unpatchify(ours, grid, **settings)
         assert np.array_equal(restored, qi.resized_rgb(img, settings["min_pixels"], settings["max_pixels"], 2 * patch))
 
 

@@ -8,6 +8,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
+import draw
 import qwen_inputs as qi
 
 
@@ -87,7 +88,7 @@ def test_patchify_refuses_extreme_aspect():
 @pytest.mark.parametrize("name,image", [CASES[2], CASES[4], CASES[12]], ids=["odd", "wide", "RGBA"])
 def test_unpatchify_inverts_patchify(name, image):
     pixel_values, grid = qi.patchify(image, max_pixels=28 * 28 * 256)
-    (restored,) = qi.unpatchify(pixel_values, grid)
+    (restored,) = draw.unpatchify(pixel_values, grid)
     assert np.array_equal(restored, qi.resized_rgb(image, max_pixels=28 * 28 * 256))
 
 
