@@ -290,11 +290,16 @@ def test_extraction_refuses_a_disk_too_small(extracted, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ two processes
 
-def _extract_worker(rank, world, port, cfg_dict, out):
+def _join(rank, world, port):
+    """A spawned test process as torchrun would start it: its rank's environment, one thread, the gloo group."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _extract_worker(rank, world, port, cfg_dict, out):
+    _join(rank, world, port)
     try:
         cache.extract_all(build.config_from_dict(cfg_dict), rank, world, shard_size=SHARD)
     finally:
@@ -325,10 +330,7 @@ def test_two_processes_write_the_same_cache_as_one(extracted, tmp_path):
 
 
 def _train_worker(rank, world, port, cfg_dict, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    _join(rank, world, port)
     try:
         metrics, grounder = train.train(build.config_from_dict(cfg_dict), torch.device("cpu"), rank, world)
         torch.save(dict(head=grounder.state_dict(), metrics=metrics), os.path.join(out, f"rank{rank}.pt"))
