@@ -116,3 +116,18 @@ def test_a_packed_and_an_unpacked_sample_batch_together(tiny_qwen):
     for m, r in zip(both["maps"], first["maps"] + second["maps"], strict=True):
         assert (m - r).abs().max().item() <= 1e-5
     assert [a.shape[0] for a in both["answer"]] == [a.shape[0] for a in first["answer"] + second["answer"]]
+
+
+def test_a_packed_batch_counts_its_sentences(tiny_qwen):
+    """The selector's loss is a mean per answer: a packed row holds several, and the step's "sequence" count
+    (train.step_counts) must count them as the one-sequence-per-sentence batch of the same sentences does."""
+    import head as heads
+    import train
+    _, qwen, tokenizer = tiny_qwen
+    pictures = images(tokenizer)
+    answers = len(model.frozen_outputs(qwen, packed(tokenizer, pictures), answer_layers=1)["answer"])
+    for batch in (packed(tokenizer, pictures), alone(tokenizer, pictures)):
+        batch["phrases"] = [["x"] * n for n in (batch["mask_ids"].max(1).values + 1).tolist()]  # phrases per row
+        batch["supervised"] = [[True] * len(p) for p in batch["phrases"]]
+        assert heads.sentence_count(batch) == answers == sum(map(len, SENTENCES))
+        assert train.step_counts([batch], torch.device("cpu"))["sequence"] == answers
