@@ -52,6 +52,21 @@ def test_output_resolution_follows_token_px():
     assert head([torch.rand(4, 3, 5)])[0].shape == (96, 160)
 
 
+@pytest.mark.parametrize("size", [(96, 160), (4, 3), (17, 9), (5, 11)])
+def test_bilinear_is_f_interpolate_with_its_gradient(size):
+    """The head's last upsampling (two matmuls, for a faster backward) gives F.interpolate's bilinear values and
+    gradients, up- and down-sampling, at ratios that are not whole numbers."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, requires_grad=True)
+    g = torch.randn(3, *size)
+    ours = heads.bilinear(x, size)
+    (grad,) = torch.autograd.grad((ours * g).sum(), x)
+    ref = F.interpolate(x[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    (ref_grad,) = torch.autograd.grad((ref * g).sum(), x)
+    assert torch.allclose(ours, ref, atol=1e-6) and torch.allclose(grad, ref_grad, atol=1e-5)
+
+
 def test_bce_dice_per_phrase_in_phrase_order():
     """Phrases of two sizes are stacked by size inside; the terms must come back in phrase order, each equal to
     the phrase computed alone, and Dice must be ~0 for a confident correct mask, ~1 for a confident wrong one."""

@@ -485,7 +485,7 @@ def test_predicted_kinds_are_the_refined_and_the_coarse_logits(tmp_path):
 def test_gradient_clipping_bounds_the_step(tiny_qwen, synthetic_root, tmp_path, monkeypatch):
     """With plain SGD (Adam divides the gradient's size away) one step moves the weights by lr * the clipped
     gradient: at most lr * grad_clip in norm, though the raw gradient is far larger."""
-    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, betas, weight_decay: torch.optim.SGD(params, lr=lr))
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=lr))
     cfg = tiny_config(tiny_qwen[0], synthetic_root, tmp_path, max_steps=1, lr=1.0, grad_clip=1e-3, vis_samples=0,
                       vis_every=0)
     trained = train.train(cfg, torch.device("cpu"))[1].state_dict()
