@@ -395,7 +395,8 @@ def _extract(cfg, qwen, tokenizer, grounder, todo, mine, shard_size, device, ran
         ds = build.build_dataset(standard, tokenizer, todo[name][0], train=False, sam_settings=build.sam_settings(grounder))
         for k in shards:
             bar.set_description(f"{name} shard {k}")
-            shard = ds.regroup(ds.items[k * shard_size:(k + 1) * shard_size], cfg.pack_tokens)
+            unique, copies = _unique_sentences(ds.items[k * shard_size:(k + 1) * shard_size], ds.constant_phrase)
+            shard = ds.regroup(unique, cfg.pack_tokens)
             batches = [list(range(i, min(i + cfg.batch_size, len(shard)))) for i in range(0, len(shard), cfg.batch_size)]
             loader = DataLoader(shard, batch_sampler=batches, num_workers=cfg.num_workers,
                                 collate_fn=batching.collate_skip, pin_memory=device.type == "cuda")
@@ -404,12 +405,13 @@ def _extract(cfg, qwen, tokenizer, grounder, todo, mine, shard_size, device, ran
                 if "phrases" in batch:  # else every sample of the batch was unreadable (skip_bad): nothing to store
                     with autocast:
                         frozen = build.extract(qwen, grounder, model.to_device(batch, device))
-                    rates = writer.add(*_per_sentence(batch, frozen))
+                    view, frozen = _copies(*_per_sentence(batch, frozen), copies)
+                    rates = writer.add(view, frozen)
                     if not checked:  # the expected size, from the first batch, before more than it is written
                         checked = True
                         _check_disk(cfg, build.image_settings(cfg, tokenizer), rates, todo, shard_size)
                     bar.update(len(frozen["maps"]))
-                writer.index["skipped"] += batch["skipped"]
+                writer.index["skipped"] += batch["skipped"]  # (a skipped sentence's copies are not in the cache)
                 skipped += batch["skipped"]
             writer.close()
     bar.close()
@@ -433,6 +435,38 @@ def _per_sentence(batch, frozen):
             out[key] = value[torch.tensor(row, device=value.device)] if torch.is_tensor(value) else [value[b] for b in row]
     if frozen.get("vlm_box") is not None:  # per row, a box per phrase -> per sentence
         out["vlm_box"] = [[box] for boxes in frozen["vlm_box"] for box in boxes]
+    return view, out
+
+
+def _unique_sentences(items, constant_phrase=None):
+    """A shard's standard-protocol items (one sentence each) -> (one item per distinct (image, sentence text), {the
+    sentence id of a kept item: the ids of every sentence it stands for, for those that stand for several}). A
+    sentence's frozen outputs depend only on its image and its text (its target does not enter the VLM), so an
+    image's repeated sentences (two objects both "left"; every sentence of the constant-phrase baseline) are computed
+    once and stored for each id. A PNG narrative (one sequence of many phrases) is kept as it is."""
+    kept, copies = {}, {}
+    for item in items:
+        if len(item["entries"]) != 1:
+            kept[len(kept), None] = item
+            continue
+        ids = item["entries"][0]["ids"]
+        first = kept.setdefault((item["image_id"], constant_phrase or item["entries"][0]["sentences"][0]), item)
+        copies.setdefault(first["entries"][0]["ids"][0], []).append(ids[0])
+    return list(kept.values()), {i: c for i, c in copies.items() if len(c) > 1}
+
+
+def _copies(batch, frozen, copies):
+    """_per_sentence's per-sentence batch view and outputs (one phrase per sentence) -> the same with each kept
+    sentence repeated for every id it stands for (_unique_sentences), the copies right after it."""
+    if not any(ids[0] in copies for ids in batch["ids"]):
+        return batch, frozen
+    src = [p for p, (i,) in enumerate(batch["ids"]) for _ in copies.get(i, [i])]  # one phrase per sentence here
+    view = dict(ids=[[i] for (first,) in batch["ids"] for i in copies.get(first, [first])],
+                image_id=[batch["image_id"][p] for p in src], image_grid_thw=batch["image_grid_thw"][src])
+    out = dict(frozen, phrase_image=list(range(len(src))))
+    for key, value in frozen.items():
+        if value is not None and key != "phrase_image":
+            out[key] = value[torch.tensor(src, device=value.device)] if torch.is_tensor(value) else [value[p] for p in src]
     return view, out
 
 

@@ -135,8 +135,25 @@ def collate(samples, stacked=()):
         values = [s["frozen"][key] for s in kept]
         frozen[key] = (None if first is None else [x for v in values for x in v] if key in PER_PHRASE else
                        torch.stack(values) if key in stacked else values)
+    frozen["same_as"] = _repeats(kept, frozen)
     batch["frozen"] = frozen
     return batch
+
+
+def _repeats(samples, frozen):
+    """Per phrase of a cached batch, the first phrase of the batch with the same image and text whose stored maps
+    and vision features are equal to its own (itself if none): the mask head runs once for them (heads.MaskHead's
+    same_as), exactly. Every phrase of the constant-phrase baseline repeats its image's first; an image's repeated
+    sentence (two objects both "left") does too. Compared on the CPU, in the loader, only where image and text match."""
+    keys = [(s["image_id"], p) for s in samples for p in s["phrases"]]
+    maps, vision, image = frozen["maps"], frozen.get("vision"), frozen["phrase_image"]
+    first, same_as = {}, []
+    for p, key in enumerate(keys):
+        q = first.setdefault(key, p)
+        same = q != p and torch.equal(maps[p], maps[q]) and (vision is None or torch.equal(vision[image[p]],
+                                                                                            vision[image[q]]))
+        same_as.append(q if same else p)
+    return same_as
 
 
 def build_train_loader(cfg):

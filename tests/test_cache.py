@@ -20,6 +20,7 @@ import batching
 import build
 import cache
 import cached
+import head as heads
 import model
 import synthetic
 import train
@@ -166,7 +167,8 @@ def test_the_refiners_inputs_are_cached_too(tiny_qwen, synthetic_root, tmp_path,
     online = next(iter(build.build_train_loader(unpacked, tokenizer, build.sam_settings(grounder))))
     read = next(iter(cached.build_train_loader(cfg)))
     expect, frozen = build.extract(qwen, grounder, online), read["frozen"]
-    assert sorted(frozen) == sorted(expect) and {"hidden", "sam_embeddings", "sam_sizes", "vision"} <= set(frozen)
+    assert sorted(set(frozen) - {"same_as"}) == sorted(expect)  # same_as: what the cached batch repeats (collate)
+    assert {"hidden", "sam_embeddings", "sam_sizes", "vision"} <= set(frozen)
     assert all(frozen[key] is None for key in expect if expect[key] is None)  # e.g. the selector's answer states
     assert frozen["phrase_image"] == expect["phrase_image"] and frozen["sam_sizes"] == expect["sam_sizes"]
     image_keys = list(grounder.refiner.image_shapes)  # sam_embeddings (+ sam_intermediate | sam_feat_s0, sam_feat_s1)
@@ -351,7 +353,7 @@ def test_ddp_from_the_cache_equals_one_process_with_the_same_global_batch(extrac
     Adam amplifies the same way; with SGD online differs by 1.5e-8 after one step. So the ~1e-4 is Adam on
     float rounding, not the data order or the counts (counts left per rank, or DDP's mean not undone, fail the SGD case)."""
     if optimizer == "sgd":
-        monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, betas, weight_decay: torch.optim.SGD(params, lr=lr))
+        monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=lr))
     cfg = dataclasses.replace(extracted, batch_size=2, max_steps=4, vis_samples=0, out_dir=str(tmp_path / "two"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -416,3 +418,63 @@ def test_eval_scores_a_cached_run_from_its_cache(extracted, tmp_path, monkeypatc
     evaluation.main()
     results = json.load(open(tmp_path / "m.json"))["results"]
     assert results.keys() == metrics.keys() and all(results[k] == pytest.approx(metrics[k]) for k in metrics)
+
+
+def test_repeated_sentences_are_extracted_once_and_stored_for_each_id(tiny_qwen, extracted, tmp_path, monkeypatch):
+    """The constant-phrase baseline's cache: an image's sentences are all the same text, so the VLM runs it once per
+    image (cache._unique_sentences) and every sentence id reads back its image's outputs, equal to the online ones of
+    its own sequence within float16."""
+    _, qwen, tokenizer = tiny_qwen
+    cfg = dataclasses.replace(extracted, constant_phrase="the thing", train_data=[], cache_dir=str(tmp_path / "cache"))
+    ran, extract = [], build.extract
+    monkeypatch.setattr(build, "extract", lambda *a: ran.append(extract(*a)) or ran[-1])
+    cache.extract_all(cfg, shard_size=SHARD)
+    (online, _), = build.build_val_loaders(dataclasses.replace(cfg, pack_tokens=0), tokenizer, cfg.val_data).values()
+    (from_cache, _), = cached.build_val_loaders(cfg, cfg.val_data).values()
+    sentences = 0
+    for a, b in zip(online, from_cache, strict=True):
+        assert per_phrase(a, "ids") == per_phrase(b, "ids") and set(per_phrase(b, "phrases")) == {"the thing"}
+        sentences += len(a["ids"])
+        for x, y in zip(model.frozen_outputs(qwen, a, vision=True)["maps"], b["frozen"]["maps"], strict=True):
+            deviation = (x - x.mean((-2, -1), keepdim=True)).abs()
+            assert ((y - x).abs() <= FP16["rtol"] * deviation + FP16["atol"]).all(), (y - x).abs().max()
+    items = online.dataset.items  # the standard protocol's sentences, in the order the shards cut them
+    per_shard = {(k // SHARD, item["image_id"]) for k, item in enumerate(items)}
+    assert sum(len(f["maps"]) for f in ran) == len(per_shard) < sentences == len(items)  # once per image in a shard
+
+
+def test_the_head_runs_once_for_phrases_whose_cached_outputs_repeat(tiny_qwen, extracted, tmp_path):
+    """A cached batch of the constant-phrase baseline marks each phrase that repeats an earlier one (same image,
+    text, maps and features: cached.collate's same_as), and the grounder runs the U-Net once for them: the same
+    logits and gradients as running it for every phrase. In the real cache nothing repeats."""
+    cfg = dataclasses.replace(extracted, constant_phrase="the thing", train_data=[], cache_dir=str(tmp_path / "cache"),
+                              batch_size=8)  # batches of two images
+    cache.extract_all(cfg, shard_size=SHARD)
+    torch.manual_seed(0)
+    grounder = build.build_grounder(build.grounder_kwargs(cfg, cache.model_config(cfg)), torch.device("cpu"))
+    runs, forward_grid = [], grounder.head._forward_grid
+    grounder.head._forward_grid = lambda x, v: runs.append(len(x)) or forward_grid(x, v)
+    repeated, mixed = 0, False
+    for loader, constant in ((cached.build_val_loaders(cfg, cfg.val_data), True),
+                             (cached.build_val_loaders(extracted, extracted.val_data), False)):
+        (loader, _), = loader.values()
+        for batch in loader:
+            same_as = batch["frozen"]["same_as"]
+            assert all(j <= i and batch["image_id"][i] == batch["image_id"][j] for i, j in enumerate(same_as))
+            if not constant:
+                assert same_as == list(range(len(same_as)))
+                continue
+            repeated += sum(i != j for i, j in enumerate(same_as))
+            mixed |= len(set(batch["image_id"])) > 1
+            outs, grads = [], []
+            for frozen in (batch["frozen"], dict(batch["frozen"], same_as=None)):
+                runs.clear()
+                out = grounder(frozen)
+                loss = sum(v.sum() for v, _ in heads.losses(out, batch).values())
+                grads.append(torch.autograd.grad(loss, list(grounder.parameters())))
+                outs.append(out["coarse"])
+                assert sum(runs) == (len(set(same_as)) if frozen["same_as"] else len(same_as))
+            # the U-Net's float32 results depend on how many phrases it runs at once (~1e-5): not on what is run
+            assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*outs, strict=True))
+            assert all((a - b).norm() <= 1e-4 * b.norm() for a, b in zip(*grads, strict=True))
+    assert repeated > 0 and mixed
