@@ -89,27 +89,49 @@ def _ref_records(refs, refs_path, instances_path, split, skip_bad, skipped):
     return records
 
 
+_RECORDS = {}  # (the files with their mtime and size, split, skip_bad) -> (records, skip messages)
+
+
+def _read_once(load, paths, split, skip_bad, skipped):
+    """load(skipped) -> records, read once per process for the same unchanged files (a run builds each split's
+    dataset several times: extraction, training, the baselines; the demo's instances.json took 0.3 s a read). Each
+    call gets its own record dicts; their lists are shared and only read."""
+    stamps = [os.stat(p) if os.path.exists(p) else None for p in paths]  # a missing file: load() names it
+    key = (tuple((p, s and s.st_mtime_ns, s and s.st_size) for p, s in zip(paths, stamps)), split, skip_bad)
+    if key not in _RECORDS:
+        messages = []
+        _RECORDS[key] = (load(messages), messages)
+    records, messages = _RECORDS[key]
+    if skipped is not None:
+        skipped.extend(messages)
+    return [dict(r) for r in records]
+
+
 def load_refer(data_root, dataset, split_by, split, *, skip_bad=False, skipped=None):
     """RefCOCO/+/g records of one split from `data_root/<dataset>/refs(<split_by>).p` + `instances.json`.
 
     skip_bad=False raises DataError on an unknown ann_id/image_id or an empty sentence; skip_bad=True leaves the
     ref (or sentence) out and appends the reason to `skipped` (a list) when given."""
     refs_path = os.path.join(data_root, dataset, f"refs({split_by}).p")
-    with open(refs_path, "rb") as f:
-        refs = _DataOnlyUnpickler(f, refs_path).load()
-    records = _ref_records(refs, refs_path, os.path.join(data_root, dataset, "instances.json"),
-                           split, skip_bad, skipped)
-    for r in records:
-        r["ann_id"], r["segmentation"] = r["ann_ids"][0], r["segmentations"][0]
-    return records
+    instances_path = os.path.join(data_root, dataset, "instances.json")
+
+    def load(messages):
+        with open(refs_path, "rb") as f:
+            refs = _DataOnlyUnpickler(f, refs_path).load()
+        records = _ref_records(refs, refs_path, instances_path, split, skip_bad, messages)
+        for r in records:
+            r["ann_id"], r["segmentation"] = r["ann_ids"][0], r["segmentations"][0]
+        return records
+    return _read_once(load, (refs_path, instances_path), split, skip_bad, skipped)
 
 
 def load_grefcoco(data_root, split, *, skip_bad=False, skipped=None):
     """gRefCOCO records from `data_root/grefcoco/grefs(unc).json` + `instances.json`: one or many targets (their
     union), or none (`no_target`, empty `segmentations`). Bad entries as in `load_refer`."""
     refs_path = os.path.join(data_root, "grefcoco", "grefs(unc).json")
-    return _ref_records(_load_json(refs_path), refs_path, os.path.join(data_root, "grefcoco", "instances.json"),
-                        split, skip_bad, skipped)
+    instances_path = os.path.join(data_root, "grefcoco", "instances.json")
+    return _read_once(lambda messages: _ref_records(_load_json(refs_path), refs_path, instances_path, split, skip_bad,
+                                                    messages), (refs_path, instances_path), split, skip_bad, skipped)
 
 
 def load_png(png_json, panoptic_json, panoptic_dir, *, skip_bad=False, skipped=None):
@@ -249,6 +271,8 @@ def resize_masks(gt_masks, h, w):
 
     Each output pixel is the majority of its footprint on the same pixel grid PIL uses to resize the image, so the
     mask follows the image exactly and thin parts are neither shifted nor dropped as by point (nearest) sampling."""
+    if gt_masks.shape[-2:] == (h, w):  # the box filter at the same size is the identity
+        return torch.from_numpy(np.array(gt_masks, dtype=bool))
     out = [np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.BOX)) >= 128 for m in gt_masks]
     return torch.from_numpy(np.stack(out) if out else np.zeros((0, h, w), bool))
 

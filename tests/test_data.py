@@ -115,6 +115,20 @@ def test_load_refer_records_and_exact_splits(refer_root):
     assert rec["segmentation"] == ANNOTATIONS[0]["segmentation"] == rec["segmentations"][0]
 
 
+def test_a_split_is_read_once_until_its_files_change(refer_root, monkeypatch):
+    """A run builds a split's dataset several times (extraction, training, the baselines): the files are parsed once
+    per process, each call gets records of its own, and a rewritten file is read again."""
+    reads, load_json = [], data._load_json
+    monkeypatch.setattr(data, "_load_json", lambda path: reads.append(path) or load_json(path))
+    first = data.load_refer(refer_root, "refcoco", "unc", "train")
+    first[0]["sentences"] = ["changed by the caller"]
+    again = data.load_refer(refer_root, "refcoco", "unc", "train")
+    assert len(reads) == 1 and again[0]["sentences"] == ["left box", "the two blocks"]
+    refs = [dict(r, sentences=sentences("renamed", first=r["sentences"][0]["sent_id"])) for r in REFS]
+    write_refer(refer_root, refs=refs)
+    assert data.load_refer(refer_root, "refcoco", "unc", "train")[0]["sentences"] == ["renamed"] and len(reads) == 2
+
+
 def test_decode_mask_equals_pycocotools():
     for ann, (h, w) in zip(ANNOTATIONS, [(56, 84)] * 3 + [(50, 70)]):
         seg = ann["segmentation"]
