@@ -144,7 +144,7 @@ def bench_refiner(qwen, tokenizer, sam_name, bs, size, device, repeats, workdir)
     rng = np.random.default_rng(1)
     batch = model.to_device(qwen_inputs.collate([sample(tokenizer, rng, size, side, i) for i in range(bs)]), device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    opt = torch.optim.AdamW([p for p in grounder.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in grounder.parameters() if p.requires_grad], lr=1e-4, fused=True)
     per_phrase_refiner = grounder.refiner.forward
 
     def loop(coarse, embeddings, phrase_image, hidden, sam_sizes, boxes=None):  # F-LMM: one prompt encoder +
@@ -215,7 +215,7 @@ def bench_cache(model_dir, root, bs, device, workdir, args):
     res = {"extract_seq_per_s": n_sequences / (time.perf_counter() - t)}
     qwen, tokenizer = build.build_qwen(cfg, device)
     grounder = build.build_grounder(build.grounder_kwargs(cfg, qwen.config), device)
-    opt = torch.optim.AdamW(grounder.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(grounder.parameters(), lr=1e-4, fused=True)  # as train.py
     autocast = build.autocast_for(cfg, device)
 
     def epoch_rate(loader, qwen):  # one epoch, after 2 warm-up steps
@@ -294,7 +294,7 @@ def bench_train(ctx, t_flmm):
     text, vision = qwen.config.text_config, qwen.config.vision_config
     grounder = heads.Grounder(heads.MaskHead(in_channels=text.num_hidden_layers * text.num_attention_heads,
                                              token_px=vision.patch_size * vision.spatial_merge_size)).to(device)
-    opt = torch.optim.AdamW(grounder.parameters(), lr=1e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW(grounder.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
     res, rows, best = {}, [], None
     for bs in ctx.batch_sizes:
         batch = model.to_device(qwen_inputs.collate([sample(ctx.tokenizer, ctx.rng, ctx.size) for _ in range(bs)]),
@@ -390,6 +390,7 @@ def bench_packing(ctx, demo_root):
         for pack in (2048, 0):
             cfg = build.config_from_dict(dict(
                 model="tiny", tiny_model=demo["tiny_model"], head=demo["head"], vision_features=True, dtype="float32",
+                min_pixels=demo.get("min_pixels", 0),
                 synthetic=dict(root=os.path.join(ctx.workdir, "demo_model")), layout="sentence", train_data=[spec],
                 val_data=[spec], batch_size=4, num_workers=0, pack_tokens=pack,
                 cache_dir=os.path.join(ctx.workdir, f"cache_{label.replace('/', '')}_{pack}"),
@@ -403,7 +404,7 @@ def bench_packing(ctx, demo_root):
             (loader, _), = build.build_val_loaders(cfg, tokenizer, cfg.val_data).values()
             t, m = once(lambda: evaluation.evaluate(qwen, grounder, loader, ctx.device), ctx.device)
             r["eval_sent_per_s"], r["eval_peak_added_bytes"] = n / t, m
-            opt = torch.optim.AdamW(grounder.parameters(), lr=1e-4)
+            opt = torch.optim.AdamW(grounder.parameters(), lr=1e-4, fused=True)  # as train.py
             batches = list(build.build_train_loader(cfg, tokenizer))
 
             def epoch():

@@ -114,7 +114,7 @@ def _write_synthetic(out, seed, counts, width, height):
             pixels = np.full((height, width, 3), 235, np.uint8)
             for o, m in zip(objs, full):  # painted from the decoded masks: image and masks agree to the pixel
                 pixels[m] = COLOURS[o["colour"]]
-            Image.fromarray(pixels).save(os.path.join(out, "images", file_name))
+            Image.fromarray(pixels).save(os.path.join(out, "images", file_name), compress_level=1)  # fast, same pixels
             images.append(dict(id=image_id, file_name=file_name, height=height, width=width))
             scene = [{k: o[k] for k in ("shape", "colour", "size", "h", "v")} for o in objs]
             for o, a, f, m in zip(objs, scene, full, visible):
