@@ -20,19 +20,22 @@ class EpochDraws(Dataset):
     """What the online dataset (GroundingDataset) and the cached one (cached.CachedDataset) share, so that both draw
     exactly the same sentences: the epoch counter, in shared memory so that `set_epoch` reaches DataLoader workers
     that already exist (persistent_workers), and the draw of one sentence per entry of an item, a function of
-    (seed, epoch, index) only (a resumed run draws the same)."""
+    (seed, epoch, index) only (a resumed run draws the same); or, with every_sentence, all of them."""
 
-    def __init__(self, seed):
-        self.seed = seed
+    def __init__(self, seed, every_sentence=False):
+        self.seed, self.every_sentence = seed, every_sentence
         self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch):
         self.epoch.fill_(epoch)
 
     def picks(self, item, index):
-        """The sentence drawn for each entry of `item` (the dataset's item `index`) in the current epoch."""
+        """The phrases of `item` (the dataset's item `index`) in the current epoch, as (entry, sentence) index pairs:
+        one sentence drawn per entry, or every sentence of every entry (every_sentence: each its own phrase)."""
+        if self.every_sentence:
+            return [(j, k) for j, e in enumerate(item["entries"]) for k in range(len(e["sentences"]))]
         rng = np.random.default_rng([self.seed, int(self.epoch), index])
-        return [int(rng.integers(len(e["sentences"]))) for e in item["entries"]]
+        return [(j, int(rng.integers(len(e["sentences"])))) for j, e in enumerate(item["entries"])]
 
 
 class GroundingDataset(EpochDraws):
@@ -47,7 +50,8 @@ class GroundingDataset(EpochDraws):
     items whose files are missing are left out at construction and listed in `self.skipped`."""
 
     def __init__(self, items, tokenizer, *, image_dir, image_settings=None, max_length=None, sep="\n", seed=0,
-                 skip_bad=False, skipped=None, constant_phrase=None, layout="image", pack_tokens=0, sam_settings=None):
+                 skip_bad=False, skipped=None, constant_phrase=None, layout="image", pack_tokens=0, sam_settings=None,
+                 every_sentence=False):
         self.sam_settings = sam_settings or {}  # refiner.sam_image's keyword arguments: also SAM's input and targets
         if layout not in ("image", "sentence"):
             raise ValueError(f"layout must be image or sentence, got {layout!r}")
@@ -67,7 +71,9 @@ class GroundingDataset(EpochDraws):
                 continue
             self.items.append(item)
         _report(image_dir, self.skipped, start)
-        super().__init__(seed)
+        if every_sentence and layout != "sentence":  # in one sequence an object's sentences would see each other
+            raise ValueError("every sentence of each object (train_sentences: all) needs layout=sentence")
+        super().__init__(seed, every_sentence)
         self.tokenizer, self.image_dir, self.sep, self.skip_bad = tokenizer, image_dir, sep, skip_bad
         # patchify's keyword arguments: the checkpoint's image settings (build.image_settings); None: Qwen2.5-VL's
         self.image_settings, self.max_length = dict(image_settings or {}), max_length
@@ -100,17 +106,18 @@ class GroundingDataset(EpochDraws):
                 raise DataError(f"image is {image.height}x{image.width}, annotations are for {H}x{W}")
             sam = refiner.sam_image(image, **self.sam_settings) if self.sam_settings else {}
             pixel_values, image_grid_thw = qwen_inputs.patchify(image, **self.image_settings)
-        phrases = [self.constant_phrase or e["sentences"][k] for e, k in zip(item["entries"], picks)]
-        gt = data.item_targets(item)  # (K, H, W)
+        entries, js = item["entries"], [j for j, _ in picks]  # js: each phrase's entry (object)
+        phrases = [self.constant_phrase or entries[j]["sentences"][k] for j, k in picks]
+        gt = data.item_targets(item)  # (K, H, W), one per entry
         _, gh, gw = image_grid_thw[0].tolist()
-        flags = {key: [e[key] for e in item["entries"]] for key in ("supervised", "no_target", "isthing", "plural")}
+        flags = {key: [entries[j][key] for j in js] for key in ("supervised", "no_target", "isthing", "plural")}
         out = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                   masks=data.resize_masks(gt, gh * self.patch, gw * self.patch),
-                   gt_masks=torch.from_numpy(gt), phrases=phrases,
-                   ids=[e["ids"][k] for e, k in zip(item["entries"], picks)],
+                   masks=data.resize_masks(gt, gh * self.patch, gw * self.patch)[js],
+                   gt_masks=torch.from_numpy(gt[js]), phrases=phrases,
+                   ids=[entries[j]["ids"][k] for j, k in picks],
                    image_id=item["image_id"], file_name=item["file_name"], **flags)
         if sam:  # the refined masks' targets, in SAM's frame (rh, rw)
-            out.update(sam, sam_masks=data.resize_masks(gt, *sam["sam_size"]))
+            out.update(sam, sam_masks=data.resize_masks(gt, *sam["sam_size"])[js])
         if self.layout == "image":  # one sequence, the phrases joined by sep
             return dict(out, **self._checked(qwen_inputs.build_inputs(self.tokenizer, image_grid_thw, phrases,
                                                                       sep=self.sep)))
@@ -145,10 +152,11 @@ def _take(values, ks):
 
 
 def build_dataset(spec, tokenizer, *, train, protocol="standard", image_settings=None, skip_bad=False, max_length=None,
-                  seed=0, constant_phrase=None, layout="image", pack_tokens=0, sam_settings=None):
+                  seed=0, constant_phrase=None, layout="image", pack_tokens=0, sam_settings=None, every_sentence=False):
     """A GroundingDataset from a YAML dict: {kind: refer|grefcoco|png, ...the loader's paths..., image_dir}.
-    train=True draws one sentence per object per epoch, all objects of an image in one sample (layout="image": one
-    token sequence; "sentence": each object's sentence independent, packed behind one prefix when pack_tokens > 0);
+    train=True draws one sentence per object per epoch (every_sentence: all of them, with layout="sentence"), all
+    objects of an image in one sample (layout="image": one token sequence; "sentence": each object's sentence
+    independent, packed behind one prefix when pack_tokens > 0);
     otherwise `protocol` ("standard" or "flmm") decides; the standard protocol's sentences are packed per image when
     pack_tokens > 0 (each still scored as alone). PNG is one sample (one sequence) per narrative either way."""
     data.spec_files(spec)  # validates the spec
@@ -170,8 +178,8 @@ def build_dataset(spec, tokenizer, *, train, protocol="standard", image_settings
     return GroundingDataset(items, tokenizer, image_dir=spec["image_dir"], image_settings=image_settings,
                             max_length=max_length, sep=" " if kind == "png" else "\n",
                             seed=seed, skip_bad=skip_bad, skipped=skipped, constant_phrase=constant_phrase,
-                            layout=layout,
-                            pack_tokens=pack_tokens, sam_settings=sam_settings)
+                            layout=layout, pack_tokens=pack_tokens, sam_settings=sam_settings,
+                            every_sentence=every_sentence and train and kind != "png")  # a narrative: its phrases
 
 
 def by_image(items):

@@ -57,6 +57,8 @@ class Config:
     protocol: str = "standard"  # eval protocol: standard (every sentence) or flmm (first sentence, per image)
     layout: str = "image"  # training sequences: image (all objects of an image in one) or sentence (each object's
     # sentence independent of the others, as the standard eval protocol and cache.py lay them out)
+    train_sentences: str = "one"  # per object and epoch: one sentence drawn from (seed, epoch, index), or all of them
+    # (each its own phrase; layout=sentence): ~2.8x the phrases per epoch on RefCOCO behind the same packed forwards
     pack_tokens: int = 2048  # sentence layout, standard-protocol eval, cache.py: an image's sentences share one prefix
     # (one vision + prefix forward per image, each sentence exactly as alone), rows capped at this many tokens;
     # 0 = one sequence per sentence
@@ -151,6 +153,10 @@ def config_from_dict(raw, where="config"):
         raise SystemExit(f"{where}: dtype must be one of {DTYPES}, got {cfg.dtype!r}")
     if cfg.layout not in ("image", "sentence"):
         raise SystemExit(f"{where}: layout must be image or sentence, got {cfg.layout!r}")
+    if cfg.train_sentences not in ("one", "all") or (cfg.train_sentences == "all" and cfg.layout != "sentence"):
+        raise SystemExit(f"{where}: train_sentences must be one, or all with layout=sentence (in one sequence an "
+                         f"object's sentences would see each other); got {cfg.train_sentences!r} with layout="
+                         f"{cfg.layout}")
     if cfg.protocol not in ("standard", "flmm"):
         raise SystemExit(f"{where}: protocol must be standard or flmm, got {cfg.protocol!r}")
     for key in ("batch_size", "grad_accum"):
@@ -452,7 +458,8 @@ def build_dataset(cfg, tokenizer, spec, train, sam_settings=None, settings=None)
                               skip_bad=cfg.skip_bad,
                               max_length=cfg.max_length,
                               seed=cfg.seed, constant_phrase=cfg.constant_phrase or None, layout=cfg.layout,
-                              pack_tokens=cfg.pack_tokens, sam_settings=sam_settings)
+                              pack_tokens=cfg.pack_tokens, sam_settings=sam_settings,
+                              every_sentence=cfg.train_sentences == "all")
 
 
 def build_train_loader(cfg, tokenizer, sam_settings=None):

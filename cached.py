@@ -36,7 +36,7 @@ class CachedDataset(batching.EpochDraws):
         settings = _read_json(os.path.join(cfg.cache_dir, "meta.json"))["extraction"]["image_settings"]
         # the online dataset's items, order, seed, phrase rule and mask resolution (settings: the cached ones)
         online = build.build_dataset(dataclasses.replace(cfg, pack_tokens=0), None, spec, train=train, settings=settings)
-        super().__init__(online.seed)
+        super().__init__(online.seed, online.every_sentence)
         self.items, self.image_dir, self.train = online.items, online.image_dir, train
         self.patch = online.patch  # masks: (K, gh*patch, gw*patch), as the online samples have them
         self.constant_phrase, self.skip_bad, self.skipped = online.constant_phrase, online.skip_bad, online.skipped
@@ -72,21 +72,23 @@ class CachedDataset(batching.EpochDraws):
 
     def __getitem__(self, index):
         item = self.items[index]
-        picks = self.picks(item, index)
-        ids = [e["ids"][k] for e, k in zip(item["entries"], picks)]
+        picks, entries = self.picks(item, index), item["entries"]
+        ids = [entries[j]["ids"][k] for j, k in picks]
         missing = [i for i in ids if i not in self.where]
         if missing:  # its image was unreadable at extraction (skip_bad): the whole sample is, as online
             msg = f"{self.folder}: phrases {missing} of {item['file_name']} (image {item['image_id']}) are not cached"
             if not self.skip_bad:
                 raise data.DataError(msg)
             return dict(bad=msg)  # counted and reported once by the caller, as online
-        gt = data.item_targets(item)  # (K, H, W)
+        of = [j for j, _ in picks]  # each phrase's entry (object)
+        gt = data.item_targets(item)  # (K, H, W), one per entry
         rows = [self.where[i] for i in ids]
         k, row = rows[0]
         gh, gw = self.shards[k]["images"]["grid"][self.shards[k]["phrases"]["image"][row]]
-        masks = data.resize_masks(gt, gh * self.patch, gw * self.patch)  # (K, gh*patch, gw*patch)
-        phrases = [self.constant_phrase or e["sentences"][p] for e, p in zip(item["entries"], picks)]
-        flags = {key: [e[key] for e in item["entries"]] for key in ("supervised", "no_target", "isthing", "plural")}
+        masks = data.resize_masks(gt, gh * self.patch, gw * self.patch)[of]  # (P, gh*patch, gw*patch), per phrase
+        gt = gt[of]
+        phrases = [self.constant_phrase or entries[j]["sentences"][p] for j, p in picks]
+        flags = {key: [entries[j][key] for j in of] for key in ("supervised", "no_target", "isthing", "plural")}
         groups = {}  # (shard, sequence) -> the entries it holds: one per sentence; a PNG narrative holds all
         for j, (k, row) in enumerate(rows):
             groups.setdefault((k, self.shards[k]["phrases"]["seq"][row]), []).append(j)

@@ -478,3 +478,26 @@ def test_the_head_runs_once_for_phrases_whose_cached_outputs_repeat(tiny_qwen, e
             assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*outs, strict=True))
             assert all((a - b).norm() <= 1e-4 * b.norm() for a, b in zip(*grads, strict=True))
     assert repeated > 0 and mixed
+
+
+def test_every_sentence_per_step_reads_the_same_from_the_cache(tiny_qwen, extracted):
+    """train_sentences: all: the cached loader gives the online one's phrases, ids and masks (every sentence of every
+    object, each its own phrase), and the stored maps equal the packed online outputs within float16."""
+    _, qwen, tokenizer = tiny_qwen
+    cfg = dataclasses.replace(extracted, train_sentences="all")
+    online, from_cache = build.build_train_loader(cfg, tokenizer), cached.build_train_loader(cfg)
+    batching.set_epoch(online, 0)
+    batching.set_epoch(from_cache, 0)
+    seen, trained = [], set()
+    for a, b in zip(online, from_cache, strict=True):
+        for key in ("ids", "phrases", "masks", "supervised"):
+            x, y = per_phrase(a, key), per_phrase(b, key)
+            assert len(x) == len(y) and all(torch.equal(u, v) if torch.is_tensor(u) else u == v
+                                            for u, v in zip(x, y)), key
+        for x, y in zip(model.frozen_outputs(qwen, a, vision=True)["maps"], b["frozen"]["maps"], strict=True):
+            deviation = (x - x.mean((-2, -1), keepdim=True)).abs()
+            assert ((y - x).abs() <= FP16["rtol"] * deviation + FP16["atol"]).all(), (y - x).abs().max()
+        seen += per_phrase(a, "ids")
+        trained |= set(per_phrase(a, "image_id"))
+    every = [i for item in online.dataset.items if item["image_id"] in trained for e in item["entries"] for i in e["ids"]]
+    assert sorted(seen) == sorted(every) and len(every) > 2 * len(trained)  # each sentence once, ~11 per image

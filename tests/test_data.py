@@ -294,6 +294,29 @@ def test_training_sample_is_a_function_of_seed_epoch_index(refer_root, tokenizer
     assert again[0]["phrases"][0] == draws[5]  # a resumed run draws the same
 
 
+@pytest.mark.parametrize("pack", [2048, 0])
+def test_every_sentence_of_each_object_trains_with_its_objects_mask(refer_root, tokenizer, pack):
+    """train_sentences: all: one phrase per sentence of every object (each with its object's mask, flags and
+    sentence id), in every epoch, packed behind the image prefix or one sequence each; layout=image refuses it."""
+    ds = batching.build_dataset(spec(refer_root, "train"), tokenizer, train=True, seed=3, layout="sentence",
+                                pack_tokens=pack, every_sentence=True)
+    one = batching.build_dataset(spec(refer_root, "train"), tokenizer, train=True, seed=3, layout="sentence",
+                                 pack_tokens=pack)
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        rows = ds[0]
+        phrases = [p for r in rows for p in r["phrases"]]
+        assert phrases == ["left box", "the two blocks", "hook shape"]
+        assert [i for r in rows for i in r["ids"]] == ["100/0", "100/1", "101/2"]
+        masks = torch.cat([r["masks"] for r in rows])
+        drawn = one[0]  # one sentence per object: the masks of objects 0 and 1
+        objects = torch.cat([r["masks"] for r in drawn])
+        assert torch.equal(masks, objects[[0, 0, 1]]) and not torch.equal(objects[0], objects[1])
+        assert [len(r["supervised"]) for r in rows] == [len(r["phrases"]) for r in rows]  # flags per phrase
+    with pytest.raises(ValueError, match="needs layout=sentence"):
+        batching.build_dataset(spec(refer_root, "train"), tokenizer, train=True, every_sentence=True)
+
+
 def test_loader_with_workers(tmp_path, tokenizer):
     root = synthetic.make_synthetic(str(tmp_path / "syn"), num_train=12, num_val=2, num_test=1)
     train_spec = dict(kind="refer", data_root=root, dataset="synthetic", split_by="unc", split="train",
