@@ -375,10 +375,10 @@ def cap_sentences(root, out, per_image):
     return out
 
 
-def bench_packing(ctx, demo_root):
+def bench_packing(ctx, demo_root, every_sentence=False):
     """One forward per image (packed sentences) vs one per sentence, on the demo's tiny VLM and data: cache.py's
     extraction, the standard-protocol eval and a sentence-layout training step (all online; the step drawing one
-    sentence per object, and with train_sentences=all every one: "train_all"), sentences/s and peak memory, at the
+    sentence per object; with every_sentence also train_sentences=all: "train_all"), sentences/s and peak memory, at the
     demo's ~11 sentences per image and at RefCOCO's ~7."""
     import yaml
     import eval as evaluation
@@ -407,7 +407,7 @@ def bench_packing(ctx, demo_root):
             t, m = once(lambda: evaluation.evaluate(qwen, grounder, loader, ctx.device), ctx.device)
             r["eval_sent_per_s"], r["eval_peak_added_bytes"] = n / t, m
             opt = torch.optim.AdamW(grounder.parameters(), lr=1e-4, fused=True)  # as train.py
-            for what, draw in (("train", "one"), ("train_all", "all")):  # one sentence per object, or every one
+            for what, draw in (("train", "one"), ("train_all", "all"))[:2 if every_sentence else 1]:
                 batches = list(build.build_train_loader(dataclasses.replace(cfg, train_sentences=draw), tokenizer))
 
                 def epoch():
@@ -422,7 +422,7 @@ def bench_packing(ctx, demo_root):
                 t, m = timed(epoch, ctx.device, *((max(1, ctx.repeats - 1), 1) if draw == "one" else (1, 0)))
                 r[f"{what}_sent_per_s"], r[f"{what}_peak_added_bytes"] = sentences / t, m
         p, u = res[label]["packed"], res[label]["one_per_sentence"]
-        for what in ("extract", "eval", "train", "train_all"):
+        for what in ("extract", "eval", "train") + (("train_all",) if every_sentence else ()):
             res[label][f"{what}_speedup"] = p[f"{what}_sent_per_s"] / u[f"{what}_sent_per_s"]
             rows.append((f"{what}, {label}, packed (sentences/s)", f"{p[f'{what}_sent_per_s']:.1f}",
                          f"one each {u[f'{what}_sent_per_s']:.1f}/s", f"{res[label][f'{what}_speedup']:.2f}x"))
@@ -431,7 +431,7 @@ def bench_packing(ctx, demo_root):
     return res, rows
 
 
-SECTIONS = ("patchify", "forward", "train", "packing", "refiner", "boxes", "loader", "cache")
+SECTIONS = ("patchify", "forward", "train", "packing", "packing_all", "refiner", "boxes", "loader", "cache")
 DEFAULT = ("patchify", "forward", "train", "packing")  # about 3 minutes on 2 CPU cores
 
 
@@ -489,10 +489,12 @@ def main():
     n_images = 16 if args.quick else max(128, 4 * best * max(1, args.workers))
     root = synthetic.make_synthetic(os.path.join(workdir, "synthetic"), seed=0, num_train=n_images, num_val=0,
                                     num_test=0, size=ctx.size)
-    if "packing" in sections:  # the demo's scenes: 224 px, ~11 sentences each
+    if "packing" in sections or "packing_all" in sections:  # the demo's scenes: 224 px, ~11 sentences each
         demo_root = synthetic.make_synthetic(os.path.join(workdir, "demo"), seed=0, num_train=0,
                                              num_val=4 if args.quick else 24, num_test=0)
-        section("packing", bench_packing, ctx, demo_root)
+        # packing_all: also the training step with every sentence of each object (train_sentences=all, ~1 min more)
+        res["packing"], r = bench_packing(ctx, demo_root, every_sentence="packing_all" in sections)
+        rows.extend(r)
     section("refiner", bench_refiner, qwen, tokenizer, args.sam, best, ctx.size, device, ctx.repeats, workdir)
     section("boxes", bench_vlm_boxes, qwen, tokenizer, best, ctx.size, device, ctx.repeats)
     section("loader", bench_loader, ctx, root, best, res.get("train", {}).get("samples_per_s", float("nan")))

@@ -331,7 +331,8 @@ def test_bench_runs(tmp_path, monkeypatch):
     for label in ("demo", "7/image"):  # packed vs one sequence per sentence, the same sentences
         packed, alone = res["packing"][label]["packed"], res["packing"][label]["one_per_sentence"]
         assert packed["sentences"] == alone["sentences"] > 0
-        assert all(0 < res["packing"][label][f"{what}_speedup"] < float("inf") for what in ("extract", "eval", "train"))
+        assert all(0 < res["packing"][label][f"{what}_speedup"] < float("inf")
+                   for what in ("extract", "eval", "train", "train_all"))  # all: packing_all too
 
 
 def test_grad_accum_equals_one_batch_of_twice_the_size(tiny_qwen, synthetic_root, tmp_path):
