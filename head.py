@@ -36,9 +36,12 @@ def bilinear_matrix(n_out, n_in, device=None, dtype=torch.float32):
 def bilinear(x, size):
     """F.interpolate(x, size, mode="bilinear", align_corners=False) for (..., h, w) x as two matmuls: the same values
     (to float rounding), and forward + backward ~4x faster on a CPU at the head's output size, where
-    upsample_bilinear2d's backward was the step's largest kernel after the convolutions."""
-    return (bilinear_matrix(size[0], x.shape[-2], x.device, x.dtype) @ x
-            @ bilinear_matrix(size[1], x.shape[-1], x.device, x.dtype).T)
+    upsample_bilinear2d's backward was the step's largest kernel after the convolutions. At least float32, also
+    under autocast (bfloat16 weights would be off by ~0.4%); the loss reads float32 logits anyway."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        return (bilinear_matrix(size[0], x.shape[-2], x.device, dtype) @ x.to(dtype)
+                @ bilinear_matrix(size[1], x.shape[-1], x.device, dtype).T)
 
 
 def _conv_block(cin, cout):

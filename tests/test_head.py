@@ -65,6 +65,9 @@ def test_bilinear_is_f_interpolate_with_its_gradient(size):
     ref = F.interpolate(x[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     (ref_grad,) = torch.autograd.grad((ref * g).sum(), x)
     assert torch.allclose(ours, ref, atol=1e-6) and torch.allclose(grad, ref_grad, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # AMP: still float32 weights and products
+        amp = heads.bilinear(x, size)
+    assert amp.dtype == torch.float32 and torch.allclose(amp, ref, atol=1e-6)
 
 
 def test_bce_dice_per_phrase_in_phrase_order():
