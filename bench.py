@@ -431,6 +431,37 @@ def bench_packing(ctx, demo_root, every_sentence=False):
     return res, rows
 
 
+def bench_packing_model(ctx, per_image=7):
+    """The packing section for `--model <arch or checkpoint>` (a GPU): the frozen forward with the capture (what
+    extraction and the standard-protocol eval run) on ctx.size random images of `per_image` sentences each, packed
+    behind one image prefix vs one sequence per sentence, at each batch size (images): sentences/s and added peak
+    memory. The full training step on packed rows is `--sections train` (which packs nothing) plus the head."""
+    settings, phrases = ctx.tokenizer.image_settings, [PHRASES[i % len(PHRASES)] for i in range(per_image)]
+    res, rows = {"per_image": per_image}, []
+    for bs in ctx.batch_sizes:
+        images = [Image.fromarray(ctx.rng.integers(0, 256, (ctx.size[1], ctx.size[0], 3), dtype=np.uint8))
+                  for _ in range(bs)]
+        r = res.setdefault(f"batch_{bs}", {})
+        for name, pack in (("packed", 2048), ("one_per_sentence", 0)):
+            samples = [s for i, image in enumerate(images)
+                       for s in batching.picture_samples(ctx.tokenizer, settings, image, phrases, i, pack_tokens=pack)]
+            batch = model.to_device(qwen_inputs.collate(samples), ctx.device)
+
+            def forward():
+                with ctx.autocast:
+                    model.frozen_outputs(ctx.qwen, batch, vision=True)
+            t, m = timed(forward, ctx.device, ctx.repeats)
+            r[name] = dict(sequences=len(samples), tokens=int(batch["attention_mask"].sum()), sent_per_s=bs * per_image / t,
+                           peak_added_bytes=m)
+        p, u = r["packed"], r["one_per_sentence"]
+        r["speedup"] = p["sent_per_s"] / u["sent_per_s"]
+        rows.append((f"frozen forward, {per_image}/image, batch {bs} (sent/s)", f"{p['sent_per_s']:.1f}",
+                     f"one each {u['sent_per_s']:.1f}/s", f"{r['speedup']:.2f}x"))
+        rows.append((f"  peak memory added, tokens packed", f"+{p['peak_added_bytes'] / MB:.0f} MiB, {p['tokens']}",
+                     f"+{u['peak_added_bytes'] / MB:.0f} MiB, {u['tokens']}", ""))
+    return res, rows
+
+
 SECTIONS = ("patchify", "forward", "train", "packing", "packing_all", "refiner", "boxes", "loader", "cache")
 DEFAULT = ("patchify", "forward", "train", "packing")  # about 3 minutes on 2 CPU cores
 
@@ -489,7 +520,9 @@ def main():
     n_images = 16 if args.quick else max(128, 4 * best * max(1, args.workers))
     root = synthetic.make_synthetic(os.path.join(workdir, "synthetic"), seed=0, num_train=n_images, num_val=0,
                                     num_test=0, size=ctx.size)
-    if "packing" in sections or "packing_all" in sections:  # the demo's scenes: 224 px, ~11 sentences each
+    if args.model != "tiny" and ("packing" in sections or "packing_all" in sections):  # this model, 7/image
+        section("packing" if "packing" in sections else "packing_all", bench_packing_model, ctx)
+    elif "packing" in sections or "packing_all" in sections:  # the demo's scenes: 224 px, ~11 sentences each
         demo_root = synthetic.make_synthetic(os.path.join(workdir, "demo"), seed=0, num_train=0,
                                              num_val=4 if args.quick else 24, num_test=0)
         # packing_all: also the training step with every sentence of each object (train_sentences=all, ~1 min more)

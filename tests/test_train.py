@@ -335,6 +335,20 @@ def test_bench_runs(tmp_path, monkeypatch):
                    for what in ("extract", "eval", "train", "train_all"))  # all: packing_all too
 
 
+def test_bench_packing_on_a_given_model(tiny_qwen, tmp_path, monkeypatch):
+    """`bench.py --model <checkpoint> --sections packing` (the GPU measurement: 7 sentences per image on random
+    images) times one packed row per image against 7 sequences, the packed one with the prefix once."""
+    import bench
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--model", tiny_qwen[0], "--quick", "--image_size", "112x84",
+                                      "--sections", "packing", "--out", str(out)])
+    bench.main()
+    r = json.load(open(out))["packing"]["batch_1"]
+    packed, alone = r["packed"], r["one_per_sentence"]
+    assert (packed["sequences"], alone["sequences"]) == (1, 7) and packed["tokens"] < alone["tokens"] / 3
+    assert 0 < r["speedup"] < float("inf")
+
+
 def test_grad_accum_equals_one_batch_of_twice_the_size(tiny_qwen, synthetic_root, tmp_path):
     """The loss of a step is the sum over its phrases divided by the step's phrase count, so 2 x 2 images equal
     4 images in one micro-batch (the same samples in the same steps; equal up to float summation order)."""
