@@ -127,7 +127,7 @@ class GroundingDataset(EpochDraws):
             rows = qwen_inputs.split_packed(qwen_inputs.build_packed(self.tokenizer, image_grid_thw,
                                                                      [[p] for p in phrases]), self.pack_tokens)
         per_phrase = [key for key, v in out.items() if isinstance(v, list) or key in ("masks", "gt_masks", "sam_masks")]
-        return [dict(out, **self._checked(tokens), **{key: _take(out[key], ks) for key in per_phrase})
+        return [dict(out, **self._checked(tokens), **{key: take(out[key], ks) for key in per_phrase})
                 for tokens, ks in rows]
 
     def regroup(self, items, pack_tokens):
@@ -146,8 +146,8 @@ class GroundingDataset(EpochDraws):
         return tokens
 
 
-def _take(values, ks):
-    """The entries ks of a per-phrase list or (K, ...) tensor."""
+def take(values, ks):
+    """The entries ks of a per-phrase list or (K, ...) tensor (cache.py also takes per-sentence outputs with it)."""
     return values[ks] if torch.is_tensor(values) else [values[k] for k in ks]
 
 

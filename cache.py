@@ -432,7 +432,7 @@ def _per_sentence(batch, frozen):
     for key in PER_IMAGE:
         value = frozen.get(key)
         if value is not None:
-            out[key] = value[torch.tensor(row, device=value.device)] if torch.is_tensor(value) else [value[b] for b in row]
+            out[key] = batching.take(value, row)
     if frozen.get("vlm_box") is not None:  # per row, a box per phrase -> per sentence
         out["vlm_box"] = [[box] for boxes in frozen["vlm_box"] for box in boxes]
     return view, out
@@ -466,7 +466,7 @@ def _copies(batch, frozen, copies):
     out = dict(frozen, phrase_image=list(range(len(src))))
     for key, value in frozen.items():
         if value is not None and key != "phrase_image":
-            out[key] = value[torch.tensor(src, device=value.device)] if torch.is_tensor(value) else [value[p] for p in src]
+            out[key] = batching.take(value, src)
     return view, out
 
 
