@@ -333,6 +333,27 @@ def test_bench_runs(tmp_path, monkeypatch):
         assert packed["sentences"] == alone["sentences"] > 0
         assert all(0 < res["packing"][label][f"{what}_speedup"] < float("inf")
                    for what in ("extract", "eval", "train", "train_all"))  # all: packing_all too
+        for what in ("train", "train_all"):  # the frozen forwards' part of each training epoch, timed inside it
+            assert 0 < packed[f"{what}_frozen_share"] < 1 and 0 < alone[f"{what}_frozen_share"] < 1
+            assert 0 < res["packing"][label][f"{what}_frozen_speedup"] < float("inf")
+
+
+def test_bench_interleaved_alternates():
+    """Packed and unpacked epochs alternate (A B A B), so that drift on a shared machine hits both alike; each gets
+    its own median time and median part."""
+    import bench
+    calls = []
+
+    def fn(name, part):
+        def call():
+            calls.append(name)
+            time.sleep(0.002 if name == "a" else 0.02)
+            return part
+        return call
+    out = bench.interleaved({"a": fn("a", 1.0), "b": fn("b", 2.0)}, torch.device("cpu"), repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 5  # warm-up, 3 timed pairs, one more each for the peak memory
+    assert out["a"][1] == 1.0 and out["b"][1] == 2.0
+    assert 0.002 <= out["a"][0] < out["b"][0]
 
 
 def test_bench_packing_on_a_given_model(tiny_qwen, tmp_path, monkeypatch):
