@@ -422,13 +422,14 @@ def training_epoch(ctx, cfg, qwen, tokenizer, grounder, draw):
     return epoch, sum(len(b["ids"]) if "segment_ids" not in b else heads.sentence_count(b) for b in batches)
 
 
-def bench_packing(ctx, demo_root, every_sentence=False):
+def bench_packing(ctx, demo_root):
     """One forward per image (packed sentences) vs one per sentence, on the demo's tiny VLM and data: cache.py's
-    extraction, the standard-protocol eval and a sentence-layout training epoch (all online; the epoch drawing one
-    sentence per object; with every_sentence also train_sentences=all: "train_all"), sentences/s and peak memory, at
-    the demo's ~11 sentences per image and at RefCOCO's ~7. The training epochs of the two run alternately (the
-    median of ctx.repeats + 2 pairs after a warm one; train_all: ctx.repeats pairs), and report their frozen
-    forwards' share: the head's work per phrase is the same either way."""
+    extraction, the standard-protocol eval and a sentence-layout training epoch (all online), sentences/s and peak
+    memory, at the demo's ~11 sentences per image and at RefCOCO's ~7. Training packs an image's sentences of the
+    epoch: with train_sentences=all ("train_all") all of them, ~11 or ~7; with one drawn per object ("train", the
+    demo's data only: capping the sentences leaves the same draw) ~3.7, one per object. The training epochs of the
+    two run alternately (the median of ctx.repeats + 2 pairs after a warm one, train_all ctx.repeats pairs) and report
+    their frozen forwards' share: the head's work per phrase is the same either way."""
     import yaml
     import eval as evaluation
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")) as f:
@@ -458,7 +459,8 @@ def bench_packing(ctx, demo_root, every_sentence=False):
             r["eval_sent_per_s"], r["eval_peak_added_bytes"] = n / t, m
             runs[name] = (cfg, qwen, tokenizer, grounder)
         p, u = res[label]["packed"], res[label]["one_per_sentence"]
-        for what, draw in (("train", "one"), ("train_all", "all"))[:2 if every_sentence else 1]:
+        trains = (("train", "one"), ("train_all", "all")) if label == "demo" else (("train_all", "all"),)
+        for what, draw in trains:
             epochs = {name: training_epoch(ctx, *run, draw) for name, run in runs.items()}
             timings = interleaved({name: fn for name, (fn, _) in epochs.items()}, ctx.device,
                                   ctx.repeats + 2 if draw == "one" else ctx.repeats)
@@ -467,7 +469,7 @@ def bench_packing(ctx, demo_root, every_sentence=False):
                 r[f"{what}_sent_per_s"], r[f"{what}_peak_added_bytes"] = epochs[name][1] / t, m
                 r[f"{what}_frozen_share"] = frozen_s / t
             res[label][f"{what}_frozen_speedup"] = timings["one_per_sentence"][1] / timings["packed"][1]
-        for what in ("extract", "eval", "train") + (("train_all",) if every_sentence else ()):
+        for what in ("extract", "eval") + tuple(what for what, _ in trains):
             res[label][f"{what}_speedup"] = p[f"{what}_sent_per_s"] / u[f"{what}_sent_per_s"]
             rows.append((f"{what}, {label}, packed (sentences/s)", f"{p[f'{what}_sent_per_s']:.1f}",
                          f"one each {u[f'{what}_sent_per_s']:.1f}/s", f"{res[label][f'{what}_speedup']:.2f}x"))
@@ -511,7 +513,7 @@ def bench_packing_model(ctx, per_image=7):
     return res, rows
 
 
-SECTIONS = ("patchify", "forward", "train", "packing", "packing_all", "refiner", "boxes", "loader", "cache")
+SECTIONS = ("patchify", "forward", "train", "packing", "refiner", "boxes", "loader", "cache")
 DEFAULT = ("patchify", "forward", "train", "packing")  # about 3 minutes on 2 CPU cores
 
 
@@ -569,13 +571,12 @@ def main():
     n_images = 16 if args.quick else max(128, 4 * best * max(1, args.workers))
     root = synthetic.make_synthetic(os.path.join(workdir, "synthetic"), seed=0, num_train=n_images, num_val=0,
                                     num_test=0, size=ctx.size)
-    if args.model != "tiny" and ("packing" in sections or "packing_all" in sections):  # this model, 7/image
-        section("packing" if "packing" in sections else "packing_all", bench_packing_model, ctx)
-    elif "packing" in sections or "packing_all" in sections:  # the demo's scenes: 224 px, ~11 sentences each
+    if args.model != "tiny":  # this model, 7 sentences per image
+        section("packing", bench_packing_model, ctx)
+    elif "packing" in sections:  # the demo's scenes: 224 px, ~11 sentences each
         demo_root = synthetic.make_synthetic(os.path.join(workdir, "demo"), seed=0, num_train=0,
                                              num_val=4 if args.quick else 24, num_test=0)
-        # packing_all: also the training step with every sentence of each object (train_sentences=all, ~1 min more)
-        res["packing"], r = bench_packing(ctx, demo_root, every_sentence="packing_all" in sections)
+        res["packing"], r = bench_packing(ctx, demo_root)
         rows.extend(r)
     section("refiner", bench_refiner, qwen, tokenizer, args.sam, best, ctx.size, device, ctx.repeats, workdir)
     section("boxes", bench_vlm_boxes, qwen, tokenizer, best, ctx.size, device, ctx.repeats)

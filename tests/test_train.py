@@ -331,9 +331,9 @@ def test_bench_runs(tmp_path, monkeypatch):
     for label in ("demo", "7/image"):  # packed vs one sequence per sentence, the same sentences
         packed, alone = res["packing"][label]["packed"], res["packing"][label]["one_per_sentence"]
         assert packed["sentences"] == alone["sentences"] > 0
-        assert all(0 < res["packing"][label][f"{what}_speedup"] < float("inf")
-                   for what in ("extract", "eval", "train", "train_all"))  # all: packing_all too
-        for what in ("train", "train_all"):  # the frozen forwards' part of each training epoch, timed inside it
+        trains = ("train", "train_all") if label == "demo" else ("train_all",)  # one per object: the same draw
+        assert all(0 < res["packing"][label][f"{what}_speedup"] < float("inf") for what in ("extract", "eval") + trains)
+        for what in trains:  # the frozen forwards' part of each training epoch, timed inside it
             assert 0 < packed[f"{what}_frozen_share"] < 1 and 0 < alone[f"{what}_frozen_share"] < 1
             assert 0 < res["packing"][label][f"{what}_frozen_speedup"] < float("inf")
 
