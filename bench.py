@@ -376,27 +376,22 @@ def cap_sentences(root, out, per_image):
 
 
 def interleaved(fns, device, repeats, warmup=1):
-    """{name: fn} -> {name: (median seconds of fn(), median of what fn() returns, peak memory it added)}: the calls
-    alternate (A B A B ...), so that a shared machine's drift between seconds slows both alike; fn returns the
-    seconds of a part of its work (the frozen forward), or 0."""
+    """{name: fn} -> {name: (median seconds of fn(), median of what fn() returns, the most memory a call added)}:
+    the calls alternate (A B A B ...), so that a shared machine's drift between seconds slows both alike; fn returns
+    the seconds of a part of its work (the frozen forward), or 0."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times = {name: [] for name in fns}
+    calls = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            sync(device)
+            base = reset_peak(device)
             t = time.perf_counter()
             part = fn()
             sync(device)
-            times[name].append((time.perf_counter() - t, part))
-    out = {}
-    for name, fn in fns.items():
-        base = reset_peak(device)
-        fn()
-        out[name] = (statistics.median(t for t, _ in times[name]), statistics.median(p for _, p in times[name]),
-                     peak(device) - base)
-    return out
+            calls[name].append((time.perf_counter() - t, part, peak(device) - base))
+    return {name: tuple(statistics.median(c[i] for c in cs) for i in (0, 1)) + (max(c[2] for c in cs),)
+            for name, cs in calls.items()}
 
 
 def training_epoch(ctx, cfg, qwen, tokenizer, grounder, draw):
@@ -428,7 +423,7 @@ def bench_packing(ctx, demo_root):
     memory, at the demo's ~11 sentences per image and at RefCOCO's ~7. Training packs an image's sentences of the
     epoch: with train_sentences=all ("train_all") all of them, ~11 or ~7; with one drawn per object ("train", the
     demo's data only: capping the sentences leaves the same draw) ~3.7, one per object. The training epochs of the
-    two run alternately (the median of ctx.repeats + 2 pairs after a warm one, train_all ctx.repeats pairs) and report
+    two run alternately (the median of ctx.repeats + 2 pairs after a warm one; train_all ctx.repeats pairs) and report
     their frozen forwards' share: the head's work per phrase is the same either way."""
     import yaml
     import eval as evaluation
@@ -462,8 +457,8 @@ def bench_packing(ctx, demo_root):
         trains = (("train", "one"), ("train_all", "all")) if label == "demo" else (("train_all", "all"),)
         for what, draw in trains:
             epochs = {name: training_epoch(ctx, *run, draw) for name, run in runs.items()}
-            timings = interleaved({name: fn for name, (fn, _) in epochs.items()}, ctx.device,
-                                  ctx.repeats + 2 if draw == "one" else ctx.repeats)
+            repeats, warmup = (ctx.repeats + 2, 1) if draw == "one" else (ctx.repeats, 0)  # all: warm from before
+            timings = interleaved({name: fn for name, (fn, _) in epochs.items()}, ctx.device, repeats, warmup)
             for name, (t, frozen_s, m) in timings.items():
                 r = res[label][name]
                 r[f"{what}_sent_per_s"], r[f"{what}_peak_added_bytes"] = epochs[name][1] / t, m

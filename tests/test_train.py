@@ -351,7 +351,7 @@ def test_bench_interleaved_alternates():
             return part
         return call
     out = bench.interleaved({"a": fn("a", 1.0), "b": fn("b", 2.0)}, torch.device("cpu"), repeats=3, warmup=1)
-    assert calls == ["a", "b"] * 5  # warm-up, 3 timed pairs, one more each for the peak memory
+    assert calls == ["a", "b"] * 4  # warm-up, 3 timed pairs
     assert out["a"][1] == 1.0 and out["b"][1] == 2.0
     assert 0.002 <= out["a"][0] < out["b"][0]
 
