@@ -1,6 +1,7 @@
 """Records -> batches: the torch Dataset (image, patchify, tokens, masks in the DataLoader workers), its three layouts
 (all of an image's phrases in one sequence; one sequence per sentence; an image's sentences packed behind one shared
-image prefix), the seeded sampler that resumes mid-epoch, and the DataLoader."""
+image prefix, in rows of at most pack_tokens tokens: split_packed), the seeded sampler that resumes mid-epoch, and
+the DataLoader."""
 import copy
 import os
 
@@ -124,8 +125,8 @@ class GroundingDataset(EpochDraws):
         if not self.pack_tokens:  # one sequence per sentence, the standard protocol's layout
             rows = [(qwen_inputs.build_inputs(self.tokenizer, image_grid_thw, [p]), [k]) for k, p in enumerate(phrases)]
         else:  # the same sentences behind one shared prefix (rows of at most pack_tokens tokens)
-            rows = qwen_inputs.split_packed(qwen_inputs.build_packed(self.tokenizer, image_grid_thw,
-                                                                     [[p] for p in phrases]), self.pack_tokens)
+            rows = split_packed(qwen_inputs.build_packed(self.tokenizer, image_grid_thw, [[p] for p in phrases]),
+                                self.pack_tokens)
         per_phrase = [key for key, v in out.items() if isinstance(v, list) or key in ("masks", "gt_masks", "sam_masks")]
         return [dict(out, **self._checked(tokens), **{key: take(out[key], ks) for key in per_phrase})
                 for tokens, ks in rows]
@@ -149,6 +150,31 @@ class GroundingDataset(EpochDraws):
 def take(values, ks):
     """The entries ks of a per-phrase list or (K, ...) tensor (cache.py also takes per-sentence outputs with it)."""
     return values[ks] if torch.is_tensor(values) else [values[k] for k in ks]
+
+
+def split_packed(sample, max_tokens):
+    """A packed sample -> a list of (packed sample, the indices of its sentences), each at most `max_tokens` long
+    where possible: the sentences go, in order, into as many samples as needed, each with its own copy of the prefix
+    (a sentence too long for the cap alone gets a sample of its own). max_tokens <= 0: the sample as it is."""
+    seg = sample["segment_ids"]
+    prefix = int((seg == 0).sum())  # the prefix is the leading run of segment 0
+    lengths = torch.bincount(seg, minlength=int(seg.max()) + 1)[1:].tolist()
+    rows = [[]]
+    for s, n in enumerate(lengths):
+        if rows[-1] and max_tokens > 0 and prefix + sum(lengths[t] for t in rows[-1]) + n > max_tokens:
+            rows.append([])
+        rows[-1].append(s)
+    if len(rows) == 1:
+        return [(sample, rows[0])]
+    out = []
+    for row in rows:
+        keep = torch.cat([torch.arange(prefix), *[(seg == s + 1).nonzero().flatten() for s in row]])
+        part = {k: v[keep] for k, v in sample.items()}
+        phrases = part["mask_ids"] >= 0
+        part["mask_ids"][phrases] -= int(part["mask_ids"][phrases].min())  # number the row's phrases from 0
+        part["segment_ids"][prefix:] -= row[0]
+        out.append((part, row))
+    return out
 
 
 def build_dataset(spec, tokenizer, *, train, protocol="standard", image_settings=None, skip_bad=False, max_length=None,
@@ -202,8 +228,8 @@ def picture_samples(tokenizer, settings, image, phrases, image_id=0, pack_tokens
     if pack_tokens is None:
         rows = [qwen_inputs.build_inputs(tokenizer, grid, phrases)]
     elif pack_tokens:
-        rows = [r for r, _ in qwen_inputs.split_packed(qwen_inputs.build_packed(tokenizer, grid, [[p] for p in phrases]),
-                                                        pack_tokens)]
+        rows = [r for r, _ in split_packed(qwen_inputs.build_packed(tokenizer, grid, [[p] for p in phrases]),
+                                           pack_tokens)]
     else:
         rows = [qwen_inputs.build_inputs(tokenizer, grid, [p]) for p in phrases]
     sam = refiner.sam_image(image, **sam_settings) if sam_settings else {}

@@ -96,9 +96,10 @@ def _size(n):
 
 
 def code_version():
-    """sha1 of the sources that decide what the frozen models compute (model.py) and see (qwen_inputs.py)."""
+    """sha1 of the sources that decide what the frozen models compute (model.py, capture.py) and see
+    (qwen_inputs.py)."""
     h = hashlib.sha1()
-    for name in ("model.py", "qwen_inputs.py"):
+    for name in ("model.py", "capture.py", "qwen_inputs.py"):
         with open(os.path.join(HERE, name), "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:16]

@@ -26,7 +26,7 @@ from PIL import Image
 import build
 import data
 import draw
-import eval as evaluation
+import metrics as scoring
 import model
 import qwen_inputs
 import refiner
@@ -166,7 +166,7 @@ def reasonseg(qwen, grounder, tokenizer, image_settings, records, batch_size=8, 
         for mode, results in (("direct", direct), ("cot", cot)):
             for res, (target, ignore), image in zip(results, truth, images, strict=True):
                 pred = res["masks"][0].numpy() if res["masks"] else np.zeros((image.height, image.width), bool)
-                stats[mode].append(evaluation.reasonseg_stats(pred, target, ignore))
+                stats[mode].append(scoring.reasonseg_stats(pred, target, ignore))
     return stats
 
 
@@ -221,7 +221,7 @@ def main():
             dist.all_gather_object(gathered, stats)
             stats = {mode: [s for part in gathered for s in part[mode]] for mode in stats}
         if rank == 0:
-            results = {f"{os.path.basename(os.path.normpath(args.reasonseg))} ({mode})": evaluation.reasonseg_metrics(s)
+            results = {f"{os.path.basename(os.path.normpath(args.reasonseg))} ({mode})": scoring.reasonseg_metrics(s)
                        for mode, s in stats.items()}
             print(f"{args.ckpt} | ReasonSeg {args.reasonseg}: first query per image (LISA), ignore regions excluded")
             print(f"{'split (mode)':<24} {'gIoU':>7} {'cIoU':>7} {'n':>5}")

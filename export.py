@@ -44,7 +44,7 @@ def _read_json(path):
 
 
 def metrics_markdown(results):
-    """{name: metrics} -> a markdown table (the columns any row has, eval.print_table's order)."""
+    """{name: metrics} -> a markdown table (the columns any row has, metrics.print_table's order)."""
     order = ["cIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9", "N-acc", "T-acc", "AR", "span_F1", "n"]
     keys = [k for k in order if any(k in r for r in results.values())]
     lines = ["| split | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]

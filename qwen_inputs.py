@@ -204,7 +204,8 @@ def build_packed(tokenizer, image_grid_thw, sentences, prompt=DEFAULT_PROMPT, se
     Returns 1-D int64 tensors input_ids, mm_token_type_ids, mask_ids (phrases numbered over all sentences, in order),
     segment_ids (0 on the shared prefix, s + 1 on sentence s's tokens). model.frozen_outputs gives every sentence of
     a packed sample what it gives in its own build_inputs sequence: it sees the prefix and itself only, at the
-    positions it would have alone. `split_packed` cuts a long one into several, each with its own prefix."""
+    positions it would have alone. `batching.split_packed` cuts a long one into several, each with its own
+    prefix."""
     ids, image_start, n_image = _prefix_ids(tokenizer, image_grid_thw, prompt)
     if not sentences:
         raise ValueError("build_packed: no sentences given")
@@ -216,31 +217,6 @@ def build_packed(tokenizer, image_grid_thw, sentences, prompt=DEFAULT_PROMPT, se
         segment_ids += [s + 1] * len(answer)
         first += len(phrases)
     return _sample(ids, mask_ids, image_start, n_image, segment_ids)
-
-
-def split_packed(sample, max_tokens):
-    """A packed sample -> a list of (packed sample, the indices of its sentences), each at most `max_tokens` long
-    where possible: the sentences go, in order, into as many samples as needed, each with its own copy of the prefix
-    (a sentence too long for the cap alone gets a sample of its own). max_tokens <= 0: the sample as it is."""
-    seg = sample["segment_ids"]
-    prefix = int((seg == 0).sum())  # the prefix is the leading run of segment 0
-    lengths = torch.bincount(seg, minlength=int(seg.max()) + 1)[1:].tolist()
-    rows = [[]]
-    for s, n in enumerate(lengths):
-        if rows[-1] and max_tokens > 0 and prefix + sum(lengths[t] for t in rows[-1]) + n > max_tokens:
-            rows.append([])
-        rows[-1].append(s)
-    if len(rows) == 1:
-        return [(sample, rows[0])]
-    out = []
-    for row in rows:
-        keep = torch.cat([torch.arange(prefix), *[(seg == s + 1).nonzero().flatten() for s in row]])
-        part = {k: v[keep] for k, v in sample.items()}
-        phrases = part["mask_ids"] >= 0
-        part["mask_ids"][phrases] -= int(part["mask_ids"][phrases].min())  # number the row's phrases from 0
-        part["segment_ids"][prefix:] -= row[0]
-        out.append((part, row))
-    return out
 
 
 def collate(samples):

@@ -33,6 +33,7 @@ import draw
 import eval as evaluation
 import ground
 import head as heads
+import metrics as scoring
 import model
 import vlmbox
 from build import print0
@@ -358,7 +359,7 @@ def run(cfg, rank, world, device):
             unet, _ = train(alone, device, rank, world)
         if rank == 0:
             print0("\ngrounding vs the baselines:")
-            table = evaluation.baselines_table(cfg.val_data, cfg.protocol, cfg.seed, metrics, constant, unet)
+            table = scoring.baselines_table(cfg.val_data, cfg.protocol, cfg.seed, metrics, constant, unet)
             with open(os.path.join(cfg.out_dir, "baselines.json"), "w") as f:
                 json.dump(table, f, indent=1)
     return metrics

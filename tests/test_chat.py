@@ -17,6 +17,7 @@ import draw
 import data
 import eval as evaluation
 import head as heads
+import metrics as scoring
 import model
 import qwen_inputs as qi
 import selector as selection
@@ -113,7 +114,7 @@ def test_selector_trains(tiny_qwen):
     assert [selection.decode(x) for x in grounder(frozen)["select"]] == gold
     spans = []
     evaluation.predict(None, grounder, dict(batch, frozen=frozen), [(56, 56)] * 2, spans=spans)
-    assert evaluation.summarize([], "png", spans)["span_F1"] == 100
+    assert scoring.summarize([], "png", spans)["span_F1"] == 100
 
 
 def test_tags_and_spans_map_back_to_the_answer(tiny_qwen):
@@ -225,9 +226,9 @@ def test_reasonseg_loads_and_scores(tmp_path):
     pb[0:2, 0:8] = True
     # a: ignore (rows 2-3, cols 6-9) removed; pred left = rows 2-5 cols 4-11 minus 8 = 24; target 24;
     # I = rows 2-5 cols 4-9 (24) minus ignore (8) = 16; U = 24 + 24 - 16 = 32. b: I = 8, U = 16 + 16 - 8 = 24.
-    stats = [evaluation.reasonseg_stats(pa, ta, ia), evaluation.reasonseg_stats(pb, tb, ib)]
+    stats = [scoring.reasonseg_stats(pa, ta, ia), scoring.reasonseg_stats(pb, tb, ib)]
     assert stats == [(16, 32), (8, 24)]
-    m = evaluation.reasonseg_metrics(stats)
+    m = scoring.reasonseg_metrics(stats)
     assert m["gIoU"] == pytest.approx(100 * (16 / 32 + 8 / 24) / 2) and m["cIoU"] == pytest.approx(100 * 24 / 56)
     assert m["n"] == 2
 

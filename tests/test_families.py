@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+import capture
 import draw
 import head as heads
 import model
@@ -117,7 +118,7 @@ def test_frozen_outputs_match_eager(family):
 def test_vision_attention_equals_stock_sdpa(family):
     """One packed SDPA call per block equals transformers' per-image (per-window) SDPA loop, every family."""
     name, model_dir, qwen, _, batch = family
-    assert qwen.config.vision_config._attn_implementation == model.VISION_ATTENTION
+    assert qwen.config.vision_config._attn_implementation == capture.VISION_ATTENTION
     ref_model = stock(name, model_dir, "sdpa")
     with torch.no_grad():
         ours = qwen.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
 
+import capture
 import head as heads
 import model
 import qwen_inputs as qi
@@ -49,7 +50,7 @@ def reference_maps(eager, batch):
 
 def test_phrase_attention_matches_eager(tiny_qwen, batch):
     model_dir, qwen, _ = tiny_qwen
-    assert qwen.config.text_config._attn_implementation == model.CAPTURE_ATTENTION  # SDPA + capture
+    assert qwen.config.text_config._attn_implementation == capture.CAPTURE_ATTENTION  # SDPA + capture
     text = qwen.config.text_config
     assert text.num_key_value_heads < text.num_attention_heads  # GQA is exercised
     eager = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
@@ -187,7 +188,7 @@ def test_varlen_vision_attention_equals_stock_sdpa(tiny_qwen):
                                                                attn_implementation="sdpa").eval()
     b = qi.collate([make_sample(tokenizer, (168, 252), ["zebra"]), make_sample(tokenizer, (252, 196), ["x"], seed=1),
                     make_sample(tokenizer, (56, 56), ["y"], seed=2)])
-    assert qwen.config.vision_config._attn_implementation == model.VISION_ATTENTION
+    assert qwen.config.vision_config._attn_implementation == capture.VISION_ATTENTION
     with torch.no_grad():
         ours = qwen.model.get_image_features(b["pixel_values"], b["image_grid_thw"]).pooler_output
         ref = stock.model.get_image_features(b["pixel_values"], b["image_grid_thw"]).pooler_output

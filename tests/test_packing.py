@@ -4,6 +4,7 @@ with a single sentence, padding), the vision tower runs once per packed row, and
 import pytest
 import torch
 
+import batching
 import model
 import qwen_inputs as qi
 from test_families import build, image
@@ -32,7 +33,8 @@ def alone(tokenizer, pictures):
 def packed(tokenizer, pictures, max_tokens=0):
     samples = [dict(part, pixel_values=pv, image_grid_thw=grid)
                for (pv, grid), sentences in zip(pictures, SENTENCES)
-               for part, _ in qi.split_packed(qi.build_packed(tokenizer, grid, [[s] for s in sentences]), max_tokens)]
+               for part, _ in batching.split_packed(qi.build_packed(tokenizer, grid, [[s] for s in sentences]),
+                                                    max_tokens)]
     return qi.collate(samples)
 
 
@@ -63,13 +65,13 @@ def test_split_packed_respects_the_cap(tiny_qwen):
     prefix = int((pack["segment_ids"] == 0).sum())
     lengths = torch.bincount(pack["segment_ids"])[1:].tolist()
     cap = prefix + lengths[0] + lengths[1]  # the first two fit, the third does not
-    parts = qi.split_packed(pack, cap)
+    parts = batching.split_packed(pack, cap)
     assert [rows for _, rows in parts] == [[0, 1], [2]]
     assert all(len(p["input_ids"]) <= cap for p, _ in parts)
     again = qi.build_packed(tokenizer, grid, [[s] for s in SENTENCES[0][2:]])
     assert all(torch.equal(parts[1][0][k], again[k]) for k in again)  # renumbered as if packed alone
-    assert [rows for _, rows in qi.split_packed(pack, 1)] == [[0], [1], [2]]  # a cap below one sentence: one each
-    assert qi.split_packed(pack, 0) == [(pack, [0, 1, 2])]
+    assert [rows for _, rows in batching.split_packed(pack, 1)] == [[0], [1], [2]]  # a cap below one sentence: one each
+    assert batching.split_packed(pack, 0) == [(pack, [0, 1, 2])]
 
 
 @pytest.mark.parametrize("max_tokens", [0, 1])  # 0: an image's sentences in one row; 1: every sentence its own row

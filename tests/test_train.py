@@ -16,6 +16,7 @@ from PIL import Image
 
 import data
 import eval as evaluation
+import metrics as scoring
 import model
 import qwen_inputs
 import synthetic
@@ -283,14 +284,14 @@ def test_mask_metrics_definitions():
     b = np.zeros((4, 4), bool)
     b[1:3] = True  # 8 pixels, 4 shared
     empty = np.zeros((4, 4), bool)
-    m = evaluation.mask_metrics([a, b, empty], [b, b, empty])
+    m = scoring.mask_metrics([a, b, empty], [b, b, empty])
     assert m["cIoU"] == pytest.approx(100 * (4 + 8 + 0) / (12 + 8 + 0))
     assert m["mIoU"] == pytest.approx(100 * (4 / 12 + 1 + 1) / 3)  # empty on empty counts as IoU 1
     assert m["P@0.5"] == pytest.approx(200 / 3) and m["P@0.9"] == pytest.approx(200 / 3) and m["n"] == 3
-    assert evaluation.average_recall([1.0, 1.0]) == pytest.approx(100, abs=1e-3)
+    assert scoring.average_recall([1.0, 1.0]) == pytest.approx(100, abs=1e-3)
     # the benchmark's left Riemann sum over t = 0, 1e-5, ...: IoU 0.5 is recalled for 50,001 thresholds
-    assert evaluation.average_recall([0.5]) == pytest.approx(50.001, abs=1e-6)
-    assert evaluation.average_recall([0.0, 1.0]) == pytest.approx(50, abs=1e-3)
+    assert scoring.average_recall([0.5]) == pytest.approx(50.001, abs=1e-6)
+    assert scoring.average_recall([0.0, 1.0]) == pytest.approx(50, abs=1e-3)
 
 
 def test_predict_one_image_writes_png(trained, tmp_path, monkeypatch):
@@ -392,13 +393,13 @@ def test_summarize_grefcoco_and_png_on_known_rows():
     # target, one is predicted empty (wrong)
     rows = [row(0, 0, 0, no_target=True), row(0, 0, 0, no_target=True), row(0, 5, 5, no_target=True),
             row(4, 8, 6), row(2, 4, 3), row(0, 3, 0)]
-    m = evaluation.summarize(rows, "grefcoco")
+    m = scoring.summarize(rows, "grefcoco")
     assert m["N-acc"] == pytest.approx(200 / 3) and m["T-acc"] == pytest.approx(200 / 3)
     assert m["cIoU"] == pytest.approx(100 * 6 / 20) and m["mIoU"] == pytest.approx(100 * (1 + 1 + 0 + 0.5 + 0.5) / 6)
     # PNG: things are recalled perfectly, stuff never; plural rows are the stuff ones; unsupervised rows do not count
     rows = [row(10, 10, 10), row(10, 10, 10), row(0, 10, 5, isthing=False, plural=True),
             row(5, 10, 5, isthing=False, plural=True, supervised=False)]
-    m = evaluation.summarize(rows, "png")
+    m = scoring.summarize(rows, "png")
     # (the benchmark's sum counts IoU 0 as recalled at threshold 0: 0.001 for a miss, 99.999 for a hit)
     assert m["n"] == 3 and m["AR_things"] == pytest.approx(100, abs=2e-3) and m["AR_stuff"] == pytest.approx(0, abs=2e-3)
     assert m["AR_singular"] == pytest.approx(100, abs=2e-3) and m["AR_plural"] == pytest.approx(0, abs=2e-3)
@@ -492,8 +493,8 @@ def test_refiner_run_reports_refined_and_coarse_masks(tiny_qwen, synthetic_root,
 def test_precision_at_t_counts_an_iou_of_exactly_t():
     """IoUs of exactly 0.5, 0.6, 0.7, 0.8, 0.9 (I/U = 1/2, 3/5, 7/10, 4/5, 9/10: the division rounds to the same
     double as the literal): P@t = 100 * #(IoU >= t) / n, the tie a hit."""
-    m = evaluation._metrics([1, 3, 7, 4, 9], [2, 5, 10, 5, 10])
-    assert [m[f"P@{t}"] for t in evaluation.THRESHOLDS] == pytest.approx([100, 80, 60, 40, 20])
+    m = scoring._metrics([1, 3, 7, 4, 9], [2, 5, 10, 5, 10])
+    assert [m[f"P@{t}"] for t in scoring.THRESHOLDS] == pytest.approx([100, 80, 60, 40, 20])
 
 
 def test_predicted_kinds_are_the_refined_and_the_coarse_logits(tmp_path):
