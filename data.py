@@ -1,5 +1,5 @@
 """Referring data on disk -> records and masks: RefCOCO/+/g and gRefCOCO (refer layout), Panoptic Narrative Grounding,
-ReasonSeg (synthetic.py writes a dataset in the refer layout); the data specs of a config. loader.py turns records
+ReasonSeg (synthetic.py writes a dataset in the refer layout); the data specs of a config. batching.py turns records
 into token sequences and batches.
 
 Loaders return records (no image opened). Refer/gRefCOCO: one per referred object, `ref_id, ann_ids, image_id,

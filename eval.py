@@ -127,7 +127,6 @@ def mask_kinds(grounder, coarse=False):
 
 # ---------------------------------------------------------------------------------------------- pictures
 
-# Colours no synthetic object has (red, green, blue, yellow, purple on light grey): visible on every object.
 def write_overlays(qwen, grounder, loader, n, folder, device, autocast=contextlib.nullcontext(), coarse=False):
     """One PNG per phrase (expression, prediction, truth) for the first n distinct images of a loader's dataset
     (coarse: the U-Net's masks). Written by rank 0; with a sharded VLM every rank must call it (they all run the

@@ -9,7 +9,7 @@ the frozen VLM's attention maps the head reads.
     g.maps(image, "the red circle")                     # the raw maps: (L*H, gh/2, gw/2) float32 + "L0 H0" labels
 
 Images are PIL images or uint8 numpy arrays (H, W, 3) / (H, W). Masks come at the image's size and are the same
-numbers eval.py computes (eval.image_sample, eval.predict: one code path).
+numbers eval.py computes (batching.picture_samples, eval.predict: one code path).
 """
 import contextlib
 import os
@@ -58,7 +58,7 @@ def _requests(images, texts):
 
 
 class Grounding:
-    """The frozen VLM, the trained grounder (eval mode) and the settings they were trained with (eval.load_run)."""
+    """The frozen VLM, the trained grounder (eval mode) and the settings they were trained with (build.load_run)."""
 
     def __init__(self, qwen, grounder, tokenizer, cfg):
         self.qwen, self.grounder, self.tokenizer, self.cfg = qwen, grounder, tokenizer, cfg
