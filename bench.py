@@ -12,6 +12,7 @@ output_attentions=True, full model with lm_head, batch 1). Random weights; RefCO
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -58,13 +59,12 @@ def timed(fn, device, repeats, warmup=2):
     return statistics.median(times), peak(device) - base
 
 
-def once(fn, device):
-    """Seconds of one call of fn() and the peak memory it added (bytes): for runs that must not repeat (extraction)."""
-    base = reset_peak(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t, peak(device) - base
+def whole(fn):
+    """fn as `interleaved` takes it, with no part of it timed apart (returns 0)."""
+    def call():
+        fn()
+        return 0.0
+    return call
 
 
 def sync(device):
@@ -433,26 +433,29 @@ def bench_packing(ctx, demo_root):
     for label, root in (("demo", demo_root), ("7/image", cap_sentences(demo_root, os.path.join(ctx.workdir, "cap7"), 7))):
         spec = dict(kind="refer", data_root=root, dataset="synthetic", split_by="unc", split="val",
                     image_dir=os.path.join(demo_root, "images"))
-        runs = {}
+        runs, extract, evals = {}, {}, {}
         for name, pack in (("packed", 2048), ("one_per_sentence", 0)):
             cfg = build.config_from_dict(dict(
                 model="tiny", tiny_model=demo["tiny_model"], head=demo["head"], vision_features=True, dtype="float32",
                 min_pixels=demo.get("min_pixels", 0),
                 synthetic=dict(root=os.path.join(ctx.workdir, "demo_model")), layout="sentence", train_data=[spec],
-                val_data=[spec], batch_size=4, num_workers=0, pack_tokens=pack,
-                cache_dir=os.path.join(ctx.workdir, f"cache_{label.replace('/', '')}_{pack}"),
-                out_dir=os.path.join(ctx.workdir, "out")))
+                val_data=[spec], batch_size=4, num_workers=0, pack_tokens=pack, out_dir=os.path.join(ctx.workdir, "out")))
             qwen, tokenizer = build.build_qwen(cfg, ctx.device)
             grounder = build.build_grounder(build.grounder_kwargs(cfg, qwen.config), ctx.device)
             n = len(build.build_dataset(dataclasses.replace(cfg, pack_tokens=0), None, spec, train=False, settings={}))
-            r = res.setdefault(label, {}).setdefault(name, {"sentences": n})
-            t, m = once(lambda: cache.extract_all(cfg, device=ctx.device), ctx.device)
-            r["extract_sent_per_s"], r["extract_peak_added_bytes"] = n / t, m
+            res.setdefault(label, {})[name] = {"sentences": n}
+            name_k = os.path.join(ctx.workdir, f"cache_{label.replace('/', '')}_{pack}_") + "{}"
+            caches = map(name_k.format, itertools.count())  # bound now (a generator would read pack when run)
+            extract[name] = whole(lambda cfg=cfg, caches=caches: cache.extract_all(  # a fresh cache_dir each call
+                dataclasses.replace(cfg, cache_dir=next(caches)), device=ctx.device))
             (loader, _), = build.build_val_loaders(cfg, tokenizer, cfg.val_data).values()
             evaluation.evaluate(qwen, grounder, loader, ctx.device, max_batches=2)  # warm-up: first-call costs
-            t, m = once(lambda: evaluation.evaluate(qwen, grounder, loader, ctx.device), ctx.device)
-            r["eval_sent_per_s"], r["eval_peak_added_bytes"] = n / t, m
+            evals[name] = whole(lambda q=qwen, g=grounder, loader=loader: evaluation.evaluate(q, g, loader, ctx.device))
             runs[name] = (cfg, qwen, tokenizer, grounder)
+        for what, fns in (("extract", extract), ("eval", evals)):  # alternately, 2 each: a few seconds apiece
+            for name, (t, _, m) in interleaved(fns, ctx.device, repeats=2, warmup=0).items():
+                r = res[label][name]
+                r[f"{what}_sent_per_s"], r[f"{what}_peak_added_bytes"] = r["sentences"] / t, m
         p, u = res[label]["packed"], res[label]["one_per_sentence"]
         trains = (("train", "one"), ("train_all", "all")) if label == "demo" else (("train_all", "all"),)
         for what, draw in trains:

@@ -321,7 +321,19 @@ def test_bench_runs(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     monkeypatch.setattr(sys, "argv", ["bench.py", "--quick", "--image_size", "112x84", "--workers", "0",
                                       "--sections", "all", "--out", str(out)])
+    extractions, extract_all = [], bench.cache.extract_all
+
+    def recorded(cfg, **kw):
+        extractions.append((cfg.pack_tokens, cfg.cache_dir, len(os.listdir(cfg.cache_dir)) if
+                            os.path.isdir(cfg.cache_dir) else 0))
+        return extract_all(cfg, **kw)
+    monkeypatch.setattr(bench.cache, "extract_all", recorded)
     bench.main()
+    # the packing section extracts packed and unpacked alternately, each time into a new, empty cache_dir (else a
+    # complete cache is skipped and the extraction measures nothing); the cache section extracts too
+    extractions = [e for e in extractions if os.path.basename(e[1]).startswith(("cache_demo_", "cache_7image_"))]
+    assert [p for p, _, _ in extractions] == [2048, 0] * 4  # 2 each, at ~11 and at <= 7 sentences per image
+    assert len({d for _, d, _ in extractions}) == 8 and all(n == 0 for _, _, n in extractions)
     res = json.load(open(out))
     for section, key in (("patchify", "speedup_vs_hf"), ("forward", "capture_time_vs_floor"),
                          ("forward", "capture_speedup_vs_flmm"), ("train", "step_time_vs_floor"),
