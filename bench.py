@@ -423,7 +423,7 @@ def bench_packing(ctx, demo_root):
     memory, at the demo's ~11 sentences per image and at RefCOCO's ~7. Training packs an image's sentences of the
     epoch: with train_sentences=all ("train_all") all of them, ~11 or ~7; with one drawn per object ("train", the
     demo's data only: capping the sentences leaves the same draw) ~3.7, one per object. The training epochs of the
-    two run alternately (the median of ctx.repeats + 2 pairs after a warm one; train_all ctx.repeats pairs) and report
+    two run alternately (the median of ctx.repeats + 1 pairs after a warm one; train_all ctx.repeats pairs) and report
     their frozen forwards' share: the head's work per phrase is the same either way."""
     import yaml
     import eval as evaluation
@@ -460,7 +460,7 @@ def bench_packing(ctx, demo_root):
         trains = (("train", "one"), ("train_all", "all")) if label == "demo" else (("train_all", "all"),)
         for what, draw in trains:
             epochs = {name: training_epoch(ctx, *run, draw) for name, run in runs.items()}
-            repeats, warmup = (ctx.repeats + 2, 1) if draw == "one" else (ctx.repeats, 0)  # all: warm from before
+            repeats, warmup = (ctx.repeats + 1, 1) if draw == "one" else (ctx.repeats, 0)  # all: warm from before
             timings = interleaved({name: fn for name, (fn, _) in epochs.items()}, ctx.device, repeats, warmup)
             for name, (t, frozen_s, m) in timings.items():
                 r = res[label][name]
@@ -573,7 +573,7 @@ def main():
         section("packing", bench_packing_model, ctx)
     elif "packing" in sections:  # the demo's scenes: 224 px, ~11 sentences each
         demo_root = synthetic.make_synthetic(os.path.join(workdir, "demo"), seed=0, num_train=0,
-                                             num_val=4 if args.quick else 24, num_test=0)
+                                             num_val=4 if args.quick else 20, num_test=0)
         res["packing"], r = bench_packing(ctx, demo_root)
         rows.extend(r)
     section("refiner", bench_refiner, qwen, tokenizer, args.sam, best, ctx.size, device, ctx.repeats, workdir)
