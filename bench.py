@@ -483,25 +483,26 @@ def bench_packing(ctx, demo_root):
 def bench_packing_model(ctx, per_image=7):
     """The packing section for `--model <arch or checkpoint>` (a GPU): the frozen forward with the capture (what
     extraction and the standard-protocol eval run) on ctx.size random images of `per_image` sentences each, packed
-    behind one image prefix vs one sequence per sentence, at each batch size (images): sentences/s and added peak
-    memory. The full training step on packed rows is `--sections train` (which packs nothing) plus the head."""
+    behind one image prefix vs one sequence per sentence, alternately, at each batch size (images): sentences/s and
+    added peak memory. The full training step on packed rows is `--sections train` (which packs nothing) plus the head."""
     settings, phrases = ctx.tokenizer.image_settings, [PHRASES[i % len(PHRASES)] for i in range(per_image)]
     res, rows = {"per_image": per_image}, []
     for bs in ctx.batch_sizes:
         images = [Image.fromarray(ctx.rng.integers(0, 256, (ctx.size[1], ctx.size[0], 3), dtype=np.uint8))
                   for _ in range(bs)]
-        r = res.setdefault(f"batch_{bs}", {})
+        r, forwards = res.setdefault(f"batch_{bs}", {}), {}
         for name, pack in (("packed", 2048), ("one_per_sentence", 0)):
             samples = [s for i, image in enumerate(images)
                        for s in batching.picture_samples(ctx.tokenizer, settings, image, phrases, i, pack_tokens=pack)]
             batch = model.to_device(qwen_inputs.collate(samples), ctx.device)
+            r[name] = dict(sequences=len(samples), tokens=int(batch["attention_mask"].sum()))
 
-            def forward():
+            def forward(batch=batch):
                 with ctx.autocast:
                     model.frozen_outputs(ctx.qwen, batch, vision=True)
-            t, m = timed(forward, ctx.device, ctx.repeats)
-            r[name] = dict(sequences=len(samples), tokens=int(batch["attention_mask"].sum()), sent_per_s=bs * per_image / t,
-                           peak_added_bytes=m)
+            forwards[name] = whole(forward)
+        for name, (t, _, m) in interleaved(forwards, ctx.device, ctx.repeats, warmup=2).items():
+            r[name].update(sent_per_s=bs * per_image / t, peak_added_bytes=m)
         p, u = r["packed"], r["one_per_sentence"]
         r["speedup"] = p["sent_per_s"] / u["sent_per_s"]
         rows.append((f"frozen forward, {per_image}/image, batch {bs} (sent/s)", f"{p['sent_per_s']:.1f}",

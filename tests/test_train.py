@@ -376,10 +376,17 @@ def test_bench_packing_on_a_given_model(tiny_qwen, tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     monkeypatch.setattr(sys, "argv", ["bench.py", "--model", tiny_qwen[0], "--quick", "--image_size", "112x84",
                                       "--sections", "packing", "--out", str(out)])
+    rows, frozen_outputs = [], bench.model.frozen_outputs
+
+    def recorded(qwen, batch, **kw):
+        rows.append(len(batch["input_ids"]))
+        return frozen_outputs(qwen, batch, **kw)
+    monkeypatch.setattr(bench.model, "frozen_outputs", recorded)
     bench.main()
     r = json.load(open(out))["packing"]["batch_1"]
     packed, alone = r["packed"], r["one_per_sentence"]
     assert (packed["sequences"], alone["sequences"]) == (1, 7) and packed["tokens"] < alone["tokens"] / 3
+    assert rows == [1, 7] * 3  # each forward ran its own batch, alternately: 2 warm-up pairs, 1 timed (--quick)
     assert 0 < r["speedup"] < float("inf")
 
 
