@@ -44,19 +44,9 @@ def stock_sdpa(qwen):
 
 
 def timed(fn, device, repeats, warmup=2):
-    """Median seconds of fn() and the peak memory it added over what was held before (bytes)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    base = reset_peak(device)
-    fn()
-    return statistics.median(times), peak(device) - base
+    """Median seconds of fn() and the most memory a call added over what was held before (bytes)."""
+    t, _, m = interleaved({"fn": whole(fn)}, device, repeats, warmup)["fn"]
+    return t, m
 
 
 def whole(fn):
@@ -65,6 +55,25 @@ def whole(fn):
         fn()
         return 0.0
     return call
+
+
+def interleaved(fns, device, repeats, warmup=1):
+    """{name: fn} -> {name: (median seconds of fn(), median of what fn() returns, the most memory a call added)}:
+    the calls alternate (A B A B ...), so that a shared machine's drift between seconds slows both alike; fn returns
+    the seconds of a part of its work (the frozen forward), or 0."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    calls = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            base = reset_peak(device)
+            t = time.perf_counter()
+            part = fn()
+            sync(device)
+            calls[name].append((time.perf_counter() - t, part, peak(device) - base))
+    return {name: tuple(statistics.median(c[i] for c in cs) for i in (0, 1)) + (max(c[2] for c in cs),)
+            for name, cs in calls.items()}
 
 
 def sync(device):
@@ -373,25 +382,6 @@ def cap_sentences(root, out, per_image):
     with open(os.path.join(out, "synthetic", "refs(unc).p"), "wb") as f:
         pickle.dump(refs, f)
     return out
-
-
-def interleaved(fns, device, repeats, warmup=1):
-    """{name: fn} -> {name: (median seconds of fn(), median of what fn() returns, the most memory a call added)}:
-    the calls alternate (A B A B ...), so that a shared machine's drift between seconds slows both alike; fn returns
-    the seconds of a part of its work (the frozen forward), or 0."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    calls = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            base = reset_peak(device)
-            t = time.perf_counter()
-            part = fn()
-            sync(device)
-            calls[name].append((time.perf_counter() - t, part, peak(device) - base))
-    return {name: tuple(statistics.median(c[i] for c in cs) for i in (0, 1)) + (max(c[2] for c in cs),)
-            for name, cs in calls.items()}
 
 
 def training_epoch(ctx, cfg, qwen, tokenizer, grounder, draw):
