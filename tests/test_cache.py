@@ -248,6 +248,21 @@ def test_a_cache_that_does_not_match_the_config_is_refused(extracted, tmp_path):
         cache.model_config(moved)
 
 
+def test_code_version_follows_every_file_that_decides_the_frozen_outputs(tmp_path, monkeypatch):
+    """An edit to the model (model.py), to the attention functions that compute the maps (capture.py) or to the
+    inputs (qwen_inputs.py) must change the code version, so that check_cache refuses a cache made before it;
+    an edit elsewhere (head.py trains from the cache) must not."""
+    for name in ("model.py", "capture.py", "qwen_inputs.py", "head.py"):
+        shutil.copy(os.path.join(cache.HERE, name), tmp_path / name)
+    monkeypatch.setattr(cache, "HERE", str(tmp_path))
+    before = cache.code_version()
+    for name, changes in (("model.py", True), ("capture.py", True), ("qwen_inputs.py", True), ("head.py", False)):
+        with open(tmp_path / name, "a") as f:
+            f.write("\n# edited\n")
+        assert (cache.code_version() != before) == changes, name
+        before = cache.code_version()
+
+
 # ------------------------------------------------------------------------------------------------- resuming
 
 def test_a_killed_extraction_resumes_and_equals_an_uninterrupted_one(extracted, tmp_path, monkeypatch):
