@@ -454,6 +454,7 @@ def bench_packing(ctx, demo_root):
             timings = interleaved({name: fn for name, (fn, _) in epochs.items()}, ctx.device, repeats, warmup)
             for name, (t, frozen_s, m) in timings.items():
                 r = res[label][name]
+                r[f"{what}_sentences"] = epochs[name][1]  # what the epoch trains: the same packed or not
                 r[f"{what}_sent_per_s"], r[f"{what}_peak_added_bytes"] = epochs[name][1] / t, m
                 r[f"{what}_frozen_share"] = frozen_s / t
             res[label][f"{what}_frozen_speedup"] = timings["one_per_sentence"][1] / timings["packed"][1]

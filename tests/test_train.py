@@ -347,6 +347,7 @@ def test_bench_runs(tmp_path, monkeypatch):
         trains = ("train", "train_all") if label == "demo" else ("train_all",)  # one per object: the same draw
         assert all(0 < res["packing"][label][f"{what}_speedup"] < float("inf") for what in ("extract", "eval") + trains)
         for what in trains:  # the frozen forwards' part of each training epoch, timed inside it
+            assert packed[f"{what}_sentences"] == alone[f"{what}_sentences"] > 0  # sentences/s of the same sentences
             assert 0 < packed[f"{what}_frozen_share"] < 1 and 0 < alone[f"{what}_frozen_share"] < 1
             assert 0 < res["packing"][label][f"{what}_frozen_speedup"] < float("inf")
 
